@@ -1,0 +1,5 @@
+import sys
+
+from agm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,164 @@
+"""Building the book: ``python -m agm.book build [--smoke]`` and ``python -m agm.book check-offline``.
+
+jupyter-cache keys a notebook on its cells' text, so a change in ``code/agm`` alone would leave
+old outputs on the page. Each build therefore fingerprints what the chapters execute against
+(the package, the checkpoints, the pinned requirements); when the fingerprint differs from the
+one the previous build recorded, that build's outputs and execution cache are discarded and every
+chapter runs again. A prose-only edit leaves the fingerprint alone and re-executes nothing.
+
+Smoke builds (``AGM_SMOKE=1``) and full builds never share an output folder or a cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from agm.runtime import REPO_ROOT
+
+FINGERPRINT_GLOBS = ("code/agm/**/*.py", "checkpoints/*", "requirements.txt")
+FINGERPRINT_FILE = ".agm-fingerprint"
+TIMEOUT_S = {"full": 600, "smoke": 120}
+OFFLINE_PAGE = "book/foundations/01-basics.html"
+
+
+def fingerprint(root: Path, globs=FINGERPRINT_GLOBS) -> str:
+    """sha256 over the relative paths and contents of every file the chapters depend on."""
+    h = hashlib.sha256()
+    files = sorted({p for g in globs for p in root.glob(g) if p.is_file() and "__pycache__" not in p.parts})
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def path_output(root: Path, smoke: bool) -> Path:
+    """Jupyter Book writes to ``<this>/_build``: ``_build/html`` in full, ``_build/smoke/_build/html`` in smoke."""
+    return root / "_build" / "smoke" if smoke else root
+
+
+def build_dir(root: Path, smoke: bool) -> Path:
+    return path_output(root, smoke) / "_build"
+
+
+def discard_stale(out: Path, current: str, log=print) -> bool:
+    """Remove a previous build's outputs and cache if it was made from other code. True if removed."""
+    stamp = out / FINGERPRINT_FILE
+    if stamp.is_file() and stamp.read_text().strip() == current:
+        return False
+    for name in ("html", ".doctrees", "jupyter_execute", ".jupyter_cache"):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+    if stamp.exists():
+        log("book: code or checkpoints changed since the last build; every chapter will execute again")
+    return True
+
+
+def write_config(root: Path, out: Path, smoke: bool) -> Path:
+    """The book's ``_config.yml`` with this build's cache folder and execution timeout."""
+    config = yaml.safe_load((root / "_config.yml").read_text())
+    execute = config.setdefault("execute", {})
+    execute["cache"] = str((out / ".jupyter_cache").resolve())
+    execute["timeout"] = TIMEOUT_S["smoke" if smoke else "full"]
+    path = out / ".agm-config.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+EXTERNAL = re.compile(
+    r"""<(?:script[^>]*\ssrc|link[^>]*\shref)=["'](?:https?:)?//[^"']+["']""", re.IGNORECASE
+)
+
+
+def external_assets(html_dir: Path) -> list[str]:
+    """Scripts and stylesheets that a page would fetch from another host (must be none)."""
+    found = []
+    for page in sorted(html_dir.rglob("*.html")):
+        for m in EXTERNAL.finditer(page.read_text(errors="ignore")):
+            if "rel=\"canonical\"" in m.group(0):
+                continue
+            found.append(f"{page.relative_to(html_dir)}: {m.group(0)[:120]}")
+    return found
+
+
+def build(root: Path = REPO_ROOT, smoke: bool = False, globs=FINGERPRINT_GLOBS, log=print) -> Path:
+    """Build the book under ``root`` incrementally; return the HTML folder."""
+    out = build_dir(root, smoke)
+    out.mkdir(parents=True, exist_ok=True)
+    current = fingerprint(root, globs)
+    discard_stale(out, current, log)
+    config = write_config(root, out, smoke)
+    env = dict(os.environ, AGM_SMOKE="1" if smoke else "0", PYDEVD_DISABLE_FILE_VALIDATION="1")
+    cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(root), "--config", str(config),
+           "--toc", str(root / "_toc.yml"), "--path-output", str(path_output(root, smoke)),
+           "-W", "-n", "--keep-going"]
+    html = out / "html"
+    log(f"book: {'smoke' if smoke else 'full'} build -> {html}")
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0 or not (html / "index.html").is_file():
+        raise SystemExit(
+            f"book: the build failed (exit {proc.returncode}). Read the warnings above; a chapter's "
+            f"execution log is in {html / 'reports'}."
+        )
+    external = external_assets(html)
+    if external:
+        raise SystemExit("book: pages load assets from other hosts (the site must work offline):\n  "
+                         + "\n  ".join(external))
+    (out / FINGERPRINT_FILE).write_text(current + "\n")
+    return html
+
+
+def check_offline(html: Path, page: str = OFFLINE_PAGE, screenshot: Path | None = None) -> int:
+    """Open ``page`` in headless Chromium with every network request refused; count typeset equations."""
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        raise SystemExit("check-offline needs Chromium: install it (Debian/Ubuntu: apt-get install chromium)")
+    target = html / page
+    if not target.is_file():
+        raise SystemExit(f"{target} does not exist; run `make book` first")
+    with tempfile.TemporaryDirectory() as profile:
+        flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
+                 "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=15000"]
+        dom = subprocess.run(flags + ["--dump-dom", target.as_uri()], capture_output=True, text=True,
+                             timeout=120).stdout
+        if screenshot is not None:
+            subprocess.run(flags + ["--window-size=1200,1600", f"--screenshot={screenshot}", target.as_uri()],
+                           capture_output=True, timeout=120)
+    typeset = dom.count("<mjx-container")
+    if typeset == 0:
+        raise SystemExit(f"check-offline: no equation of {page} was typeset by MathJax with the network off")
+    print(f"check-offline: {typeset} equations typeset in {page} with the network off"
+          + (f"; screenshot {screenshot}" if screenshot else ""))
+    return typeset
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m agm.book")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build the book (incremental; stale outputs are discarded)")
+    b.add_argument("--smoke", action="store_true", help="AGM_SMOKE=1 budgets, into _build/smoke")
+    c = sub.add_parser("check-offline", help="render Chapter 1 in headless Chromium with no network")
+    c.add_argument("--smoke", action="store_true", help="check the smoke build instead of the full one")
+    c.add_argument("--screenshot", type=Path, default=REPO_ROOT / "_build" / "offline-check.png")
+    args = p.parse_args(argv)
+    if args.command == "build":
+        html = build(smoke=args.smoke)
+        print(f"book: done; open {html / 'index.html'}")
+    else:
+        check_offline(build_dir(REPO_ROOT, args.smoke) / "html", screenshot=args.screenshot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

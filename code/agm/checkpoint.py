@@ -1,0 +1,115 @@
+"""Checkpoints: ``NAME.pt`` (weights + config) beside ``NAME.json`` (the manifest).
+
+The manifest records how the file was made (config, command, steps, wall time, hardware)
+and what it reached (metrics), and its sha256, which every load verifies before
+``torch.load(..., weights_only=True)`` reads a byte of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agm.data import sha256_file
+from agm.runtime import checkpoint_dir, hardware
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or inconsistent; the message names the command that rebuilds it."""
+
+
+@dataclass
+class Manifest:
+    name: str
+    config: dict[str, Any]
+    command: str
+    steps: int
+    wall_time_s: float
+    hardware: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+    file: str = ""
+    torch_version: str = torch.__version__
+    python_version: str = platform.python_version()
+    created: str = ""
+
+
+def paths(name: str, directory: Path | None = None) -> tuple[Path, Path]:
+    d = Path(directory or checkpoint_dir())
+    return d / f"{name}.pt", d / f"{name}.json"
+
+
+def rebuild_hint(name: str) -> str:
+    return f"rebuild it with `python -m agm train {name}`"
+
+
+def save(name: str, state: dict[str, Any], manifest: Manifest, directory: Path | None = None) -> Manifest:
+    """Write the weights atomically, then the manifest carrying their sha256."""
+    pt, js = paths(name, directory)
+    pt.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=pt.parent, prefix=f".{pt.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, pt)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    manifest.sha256 = sha256_file(pt)
+    manifest.file = pt.name
+    manifest.created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    js.write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(name: str, directory: Path | None = None) -> Manifest:
+    _, js = paths(name, directory)
+    if not js.is_file():
+        raise CheckpointError(f"no checkpoint manifest for {name!r} at {js}; {rebuild_hint(name)}")
+    try:
+        return Manifest(**json.loads(js.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"the manifest {js} is unreadable ({e}); {rebuild_hint(name)}") from e
+
+
+def status(name: str, directory: Path | None = None) -> str:
+    """'verified', 'missing' or 'corrupt' — never raises."""
+    pt, _ = paths(name, directory)
+    try:
+        m = read_manifest(name, directory)
+    except CheckpointError:
+        return "missing"
+    if not pt.is_file():
+        return "missing"
+    return "verified" if sha256_file(pt) == m.sha256 else "corrupt"
+
+
+def load(name: str, directory: Path | None = None) -> tuple[dict[str, Any], Manifest]:
+    """Verify the sha256 against the manifest, then load with ``weights_only=True``."""
+    pt, _ = paths(name, directory)
+    m = read_manifest(name, directory)
+    if not pt.is_file():
+        raise CheckpointError(f"checkpoint file {pt} is missing; {rebuild_hint(name)}")
+    digest = sha256_file(pt)
+    if digest != m.sha256:
+        raise CheckpointError(
+            f"checkpoint {pt} is corrupt or was modified: sha256 {digest[:12]}… != manifest "
+            f"{m.sha256[:12]}…; {rebuild_hint(name)}"
+        )
+    state = torch.load(pt, map_location="cpu", weights_only=True)
+    return state, m
+
+
+def new_manifest(name: str, config: dict[str, Any], steps: int, wall_time_s: float,
+                 metrics: dict[str, Any], command: str | None = None) -> Manifest:
+    return Manifest(name=name, config=config, command=command or f"python -m agm train {name}",
+                    steps=steps, wall_time_s=round(wall_time_s, 1), hardware=hardware(),
+                    metrics=metrics)

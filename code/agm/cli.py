@@ -1,0 +1,165 @@
+"""``python -m agm data | list | train | sample | evaluate`` — the same verbs for every model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from agm import checkpoint, registry
+from agm.data import DataError, provision
+from agm.runtime import repo_path, seed_everything, set_threads
+
+SMOKE_CHECKPOINTS = repo_path("_build", "smoke-checkpoints")
+MAX_SAMPLES = 100_000
+
+
+class UsageError(Exception):
+    """Bad arguments: reported in one line, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m agm", description="Models of Advanced Generative Modeling.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("data", help="provision MNIST into data/MNIST/raw")
+    sub.add_parser("list", help="models, their checkpoints and metrics")
+    t = sub.add_parser("train", help="train a model and write its checkpoint and manifest")
+    t.add_argument("name")
+    t.add_argument("--smoke", action="store_true", help="tiny budget; writes to _build/smoke-checkpoints")
+    t.add_argument("--out-dir", type=Path, help="write the checkpoint here instead")
+    t.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("sample", help="draw samples from a trained model")
+    s.add_argument("name")
+    s.add_argument("--n", type=int, required=True, help="number of samples")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, required=True, help="output .pt: {'images': [N,1,28,28] in [0,1], 'labels'}")
+    s.add_argument("--png", type=Path, help="also write a grid of the samples as PNG")
+    s.add_argument("--label", type=int, help="class to draw (conditional models only)")
+    e = sub.add_parser("evaluate", help="the metrics the book reports for a model")
+    e.add_argument("name")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def cmd_data(args) -> int:
+    provision()
+    return 0
+
+
+def cmd_list(args) -> int:
+    print(f"{'model':<22} {'ch':>3}  {'checkpoint':<10} metrics")
+    for name, spec in registry.all_specs().items():
+        state = checkpoint.status(name)
+        metrics = ""
+        if state == "verified":
+            m = checkpoint.read_manifest(name).metrics
+            metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+        print(f"{name:<22} {spec.chapter:>3}  {state:<10} {metrics}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    spec = registry.get(args.name)
+    if args.smoke:
+        os.environ["AGM_SMOKE"] = "1"
+    out_dir = args.out_dir or (SMOKE_CHECKPOINTS if args.smoke else None)
+    set_threads()
+    seed_everything(args.seed)
+    print(f"training {spec.name} (chapter {spec.chapter}){' [smoke]' if args.smoke else ''} ...")
+    start = time.perf_counter()
+    result = spec.train()
+    wall = time.perf_counter() - start
+    metrics = spec.evaluate(result.model.eval())
+    command = f"python -m agm train {spec.name}" + (" --smoke" if args.smoke else "")
+    if args.seed:
+        command += f" --seed {args.seed}"
+    manifest = checkpoint.new_manifest(spec.name, result.config, result.steps, wall, metrics, command)
+    checkpoint.save(spec.name, registry.state_of(result.model, result.config), manifest, out_dir)
+    pt, _ = checkpoint.paths(spec.name, out_dir)
+    print(f"wrote {pt} after {result.steps} steps in {wall:.1f} s: {json.dumps(metrics)}")
+    return 0
+
+
+def cmd_sample(args, spec: registry.ModelSpec, options: dict) -> int:
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise UsageError(f"--n must be between 1 and {MAX_SAMPLES}, got {args.n}")
+    labels = None
+    if args.label is not None:
+        if not spec.conditional:
+            raise UsageError(f"{spec.name} is not class-conditional; drop --label")
+        if not 0 <= args.label < spec.num_classes:
+            raise UsageError(f"--label must be in 0..{spec.num_classes - 1}, got {args.label}")
+        labels = torch.full((args.n,), args.label, dtype=torch.long)
+    elif spec.conditional:
+        labels = torch.arange(args.n) % spec.num_classes
+    for path in (args.out, args.png):
+        if path is not None and not path.parent.exists():
+            raise UsageError(f"folder {path.parent} does not exist")
+    model, _ = registry.load_model(spec.name)
+    generator = seed_everything(args.seed)
+    with torch.no_grad():
+        images = spec.sample(model, args.n, generator, labels, **options).clamp(0, 1).float().cpu()
+    out = {"images": images}
+    if labels is not None:
+        out["labels"] = labels
+    torch.save(out, args.out)
+    print(f"wrote {args.n} samples of {spec.name} to {args.out}")
+    if args.png:
+        from agm.viz import save_grid
+
+        save_grid(images, args.png)
+        print(f"wrote grid to {args.png}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    spec = registry.get(args.name)
+    model, manifest = registry.load_model(spec.name)
+    set_threads()
+    seed_everything(0)
+    metrics = spec.evaluate(model)
+    if args.json:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+    else:
+        for k, v in metrics.items():
+            print(f"{k:<28} {v:.6g}" if isinstance(v, float) else f"{k:<28} {v}")
+    return 0
+
+
+def _parse_sample(argv: list[str], parser: argparse.ArgumentParser):
+    """Two passes: the model's name decides which model-specific options exist."""
+    args, rest = parser.parse_known_args(argv)
+    spec = registry.get(args.name)
+    extra = argparse.ArgumentParser(prog=f"python -m agm sample {spec.name}")
+    if spec.add_sample_options:
+        spec.add_sample_options(extra)
+    options = vars(extra.parse_args(rest))
+    return args, spec, options
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    try:
+        if argv[:1] == ["sample"]:
+            args, spec, options = _parse_sample(argv, parser)
+            return cmd_sample(args, spec, options)
+        args = parser.parse_args(argv)
+        return {"data": cmd_data, "list": cmd_list, "train": cmd_train, "evaluate": cmd_evaluate}[
+            args.command
+        ](args)
+    except (KeyError, UsageError) as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    except (DataError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

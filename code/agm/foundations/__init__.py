@@ -1,0 +1,1 @@
+"""Module 1 of the book: foundations (Chapters 1–5)."""

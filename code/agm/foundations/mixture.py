@@ -1,0 +1,124 @@
+"""A mixture of independent-pixel Bernoullis, fitted by EM (Chapters 1, 15 and 16).
+
+p(x) = sum_k pi_k prod_d mu_kd^x_d (1 - mu_kd)^(1 - x_d).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from agm.data import binarize, binarized_test_set, check_images, mnist
+from agm.metrics import nll_report
+from agm.registry import ModelSpec, TrainResult, register
+from agm.runtime import budget
+
+
+@dataclass
+class MixtureConfig:
+    components: int = 50  # K
+    iterations: int = 30  # EM iterations; each one sees a fresh binarization of the data
+    alpha: float = 1.0  # add-alpha smoothing of each mu_k in the M-step (MAP under a Beta prior)
+    seed: int = 0
+
+
+class BernoulliMixture(nn.Module):
+    def __init__(self, config: MixtureConfig):
+        super().__init__()
+        if config.components < 1:
+            raise ValueError(f"components must be >= 1, got {config.components}")
+        self.config = config
+        k = config.components
+        self.register_buffer("log_weights", torch.full((k,), -torch.log(torch.tensor(float(k)))))  # log pi_k
+        self.register_buffer("probs", torch.full((k, 1, 28, 28), 0.5))  # mu_k
+
+    def joint_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """``log pi_k + log p(x | k)`` for each image and component: ``[N, K]``."""
+        check_images(x)
+        mu = self.probs.flatten(1).clamp(1e-6, 1 - 1e-6)  # (K, D)
+        x = x.flatten(1)  # (N, D)
+        # $\log p(x|k) = \sum_d x_d \log\frac{\mu_{kd}}{1-\mu_{kd}} + \sum_d \log(1-\mu_{kd})$
+        log_px_k = x @ (mu.log() - (1 - mu).log()).T + (1 - mu).log().sum(1)  # (N, K)
+        return self.log_weights + log_px_k
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(x) in nats, ``[N]``."""
+        return self.joint_log_probs(x).logsumexp(1)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
+        return torch.bernoulli(self.probs[k], generator=generator)
+
+
+def e_step(model: BernoulliMixture, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Responsibilities r_nk = p(k | x_n) and the mean log-likelihood under the current parameters."""
+    joint = model.joint_log_probs(x)  # (N, K)
+    log_px = joint.logsumexp(1, keepdim=True)  # (N, 1)
+    # $r_{nk} = \pi_k p(x_n|k) / \sum_j \pi_j p(x_n|j)$
+    return (joint - log_px).exp(), log_px.mean().item()
+
+
+def m_step(x: torch.Tensor, resp: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """New (log pi, mu) maximizing the expected complete-data log-likelihood (+ Beta prior)."""
+    n_k = resp.sum(0)  # (K,)
+    # $\pi_k = N_k / N$
+    log_weights = (n_k / len(x)).clamp_min(1e-12).log()
+    # $\mu_k = (\sum_n r_{nk} x_n + \alpha) / (N_k + 2\alpha)$
+    probs = (resp.T @ x.flatten(1) + alpha) / (n_k[:, None] + 2 * alpha)
+    return log_weights, probs.view(-1, 1, 28, 28)
+
+
+def initialize(model: BernoulliMixture, x: torch.Tensor, generator: torch.Generator) -> None:
+    """Each mu_k halfway between a random training image and the mean image."""
+    idx = torch.randperm(len(x), generator=generator)[: model.config.components]
+    model.probs = 0.5 * x[idx] + 0.5 * x.mean(0, keepdim=True)
+
+
+def fit_em(
+    model: BernoulliMixture, x: torch.Tensor, iterations: int, dynamic: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[float]:
+    """EM on images ``x`` in [0, 1]; returns the mean log-likelihood before each M-step.
+
+    With ``dynamic=True`` every iteration draws a fresh binarization of ``x`` (one epoch of dynamic
+    binarization), so the log-likelihood is measured on a slightly different sample each time.
+    With ``dynamic=False``, ``x`` is used as given and the log-likelihood never decreases.
+    """
+    generator = generator or torch.Generator().manual_seed(model.config.seed)
+    initialize(model, x, generator)
+    history = []
+    for _ in range(iterations):
+        xb = binarize(x, generator) if dynamic else x
+        resp, log_lik = e_step(model, xb)
+        history.append(log_lik)
+        model.log_weights, model.probs = m_step(xb, resp, model.config.alpha)
+    return history
+
+
+def build(config: dict) -> BernoulliMixture:
+    return BernoulliMixture(MixtureConfig(**config))
+
+
+def train() -> TrainResult:
+    x, _ = mnist("trainval")
+    x = x[: budget(len(x), 2000)]
+    config = MixtureConfig(iterations=budget(30, 3))
+    model = BernoulliMixture(config)
+    fit_em(model, x, config.iterations)
+    return TrainResult(model, asdict(config), steps=config.iterations)
+
+
+def evaluate(model: BernoulliMixture) -> dict[str, float]:
+    x, _ = binarized_test_set()
+    return nll_report(model.log_prob(x))
+
+
+register(ModelSpec(
+    name="bernoulli-mixture", chapter=1, summary="mixture of 50 independent-pixel Bernoullis (EM)",
+    build=build, train=train, evaluate=evaluate,
+    sample=lambda model, n, generator, labels=None: model.sample(n, generator),
+    train_minutes=1.0,
+))

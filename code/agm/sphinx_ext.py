@@ -1,0 +1,64 @@
+"""Sphinx extension of the book: MathJax served from the build, and chapter numbers from file names.
+
+* MathJax 3 comes from the ``django-static-mathjax`` wheel (the files only) and is copied into
+  ``_static/mathjax``, so pages typeset their equations with no network.
+* A chapter file ``book/<module>/NN-slug.md`` is Chapter NN whichever chapters exist before it:
+  Sphinx numbers by position in the table of contents, so its section, figure, equation and
+  theorem numbers are rewritten to start with NN.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+MATHJAX_ENTRY = "mathjax/tex-mml-chtml.js"
+CHAPTER = re.compile(r"(?:^|/)(\d\d)-[^/]+$")
+
+
+def mathjax_source() -> Path:
+    import mathjax  # the django-static-mathjax wheel
+
+    return Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
+
+
+def _use_local_mathjax(app, config) -> None:
+    config.mathjax_path = MATHJAX_ENTRY
+
+
+def _copy_mathjax(app, exception) -> None:
+    if exception is not None or app.builder.format != "html":
+        return
+    dest = Path(app.outdir) / "_static" / "mathjax"
+    if not (dest / "tex-mml-chtml.js").is_file():
+        shutil.copytree(mathjax_source(), dest, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*svg*", "node-main.js"))
+
+
+def chapter_number(docname: str) -> int | None:
+    m = CHAPTER.search(docname)
+    return int(m.group(1)) if m else None
+
+
+def _renumber(app, env) -> list[str]:
+    """Replace the positional chapter number by the one in the file name."""
+    for docname, secnums in env.toc_secnumbers.items():
+        n = chapter_number(docname)
+        if n is None:
+            continue
+        for anchor, number in secnums.items():
+            if number:
+                secnums[anchor] = (n, *number[1:])
+        for figtype, figs in env.toc_fignumbers.get(docname, {}).items():
+            for fig_id, number in figs.items():
+                if len(number) > 1:
+                    figs[fig_id] = (n, *number[1:])
+    return []
+
+
+def setup(app):
+    app.connect("config-inited", _use_local_mathjax, priority=900)
+    app.connect("env-get-updated", _renumber, priority=900)  # after Sphinx's own numbering (500)
+    app.connect("build-finished", _copy_mathjax)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
