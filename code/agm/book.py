@@ -42,7 +42,12 @@ def fingerprint(root: Path, globs=FINGERPRINT_GLOBS) -> str:
 
 
 def path_output(root: Path, smoke: bool) -> Path:
-    """Jupyter Book writes to ``<this>/_build``: ``_build/html`` in full, ``_build/smoke/_build/html`` in smoke."""
+    """Jupyter Book writes to ``<this>/_build``: ``_build/html`` in full, ``_build/smoke/_build/html`` in smoke.
+
+    ``AGM_BOOK_OUT`` moves a build elsewhere (for example to build twice side by side).
+    """
+    if os.environ.get("AGM_BOOK_OUT"):
+        return Path(os.environ["AGM_BOOK_OUT"]) / ("smoke" if smoke else "full")
     return root / "_build" / "smoke" if smoke else root
 
 

@@ -65,8 +65,19 @@ def cmd_list(args) -> int:
 
 def cmd_train(args) -> int:
     spec = registry.get(args.name)
+    previous = os.environ.get("AGM_SMOKE")
     if args.smoke:
         os.environ["AGM_SMOKE"] = "1"
+    try:
+        return _train(spec, args)
+    finally:
+        if previous is None:
+            os.environ.pop("AGM_SMOKE", None)
+        else:
+            os.environ["AGM_SMOKE"] = previous
+
+
+def _train(spec: registry.ModelSpec, args) -> int:
     out_dir = args.out_dir or (SMOKE_CHECKPOINTS if args.smoke else None)
     set_threads()
     seed_everything(args.seed)

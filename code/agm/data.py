@@ -139,9 +139,9 @@ def _idx_labels(y: np.ndarray) -> bytes:
     return struct.pack(">II", 2049, len(y)) + y.astype(np.uint8).tobytes()
 
 
-def idx_from_pickle(data: bytes) -> dict[str, bytes]:
+def idx_from_pickle(data: bytes, sha256: str = HUB_PICKLE_SHA256) -> dict[str, bytes]:
     """Convert the gzipped (train, valid, test) pickle into the four IDX files' bytes."""
-    if sha256_bytes(data) != HUB_PICKLE_SHA256:
+    if sha256_bytes(data) != sha256:
         raise DataError(f"{HUB_PICKLE_MEMBER} has the wrong sha256; refusing to read it")
     try:
         (xtr, ytr), (xva, yva), (xte, yte) = restricted_load(gzip.decompress(data))

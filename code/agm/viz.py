@@ -20,7 +20,7 @@ def show_grid(images: torch.Tensor, nrow: int = 8, ax=None, title: str | None = 
     """Draw a grid on ``ax`` (a new figure if None) without interpolation; return the axes."""
     if ax is None:
         _, ax = plt.subplots(figsize=(nrow * 0.45 + 0.4, ((len(images) + nrow - 1) // nrow) * 0.45 + 0.4))
-    ax.imshow(grid(images, nrow), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(grid(images, nrow).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)

@@ -1,0 +1,93 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from agm import checkpoint
+from agm.cli import main
+
+
+@pytest.fixture
+def trained(tmp_path, monkeypatch):
+    """Smoke-trained Chapter 1 models in a private checkpoint folder."""
+    monkeypatch.setenv("AGM_CHECKPOINTS", str(tmp_path / "ckpt"))
+    for name in ("bernoulli", "bernoulli-mixture"):
+        assert main(["train", name, "--smoke", "--out-dir", str(tmp_path / "ckpt")]) == 0
+    return tmp_path
+
+
+def test_data_reports_verified_files(capsys):
+    assert main(["data"]) == 0
+    assert "verified" in capsys.readouterr().out
+
+
+def test_list_shows_every_model_and_its_checkpoint(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "bernoulli-mixture" in out and "verified" in out and "test_nll_nats" in out
+
+
+def test_train_smoke_writes_checkpoint_and_manifest(trained):
+    assert os.environ.get("AGM_SMOKE") in (None, "", "0")  # --smoke does not leak into the caller
+    manifest = checkpoint.read_manifest("bernoulli-mixture", trained / "ckpt")
+    assert manifest.command == "python -m agm train bernoulli-mixture --smoke"
+    assert manifest.steps == manifest.config["iterations"] and manifest.wall_time_s > 0
+    assert manifest.metrics["test_nll_nats"] > 0
+    assert checkpoint.status("bernoulli-mixture", trained / "ckpt") == "verified"
+
+
+def test_sample_writes_the_documented_format(trained, capsys):
+    out, png = trained / "s.pt", trained / "s.png"
+    assert main(["sample", "bernoulli-mixture", "--n", "10", "--seed", "3", "--out", str(out), "--png", str(png)]) == 0
+    samples = torch.load(out, weights_only=True)
+    assert set(samples) == {"images"}
+    images = samples["images"]
+    assert images.shape == (10, 1, 28, 28) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    assert png.stat().st_size > 0
+    main(["sample", "bernoulli-mixture", "--n", "10", "--seed", "3", "--out", str(trained / "t.pt")])
+    assert torch.equal(torch.load(trained / "t.pt", weights_only=True)["images"], images)
+
+
+def test_evaluate_json(trained, capsys):
+    assert main(["evaluate", "bernoulli", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["test_nll_nats"] > 0 and metrics["test_bits_per_dim"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sample", "no-such-model", "--n", "4", "--out", "x.pt"], "unknown model 'no-such-model'"),
+        (["sample", "bernoulli", "--n", "0", "--out", "x.pt"], "--n must be between"),
+        (["sample", "bernoulli", "--n", "4", "--label", "3", "--out", "x.pt"], "not class-conditional"),
+        (["sample", "bernoulli", "--n", "4", "--out", "no/such/dir/x.pt"], "does not exist"),
+        (["train", "no-such-model"], "unknown model"),
+        (["evaluate", "no-such-model"], "unknown model"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_unknown_sample_option_is_rejected():
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "bernoulli", "--n", "4", "--out", "x.pt", "--guidance", "3"])
+    assert e.value.code == 2
+
+
+def test_missing_checkpoint_names_the_training_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AGM_CHECKPOINTS", str(tmp_path))
+    assert main(["sample", "bernoulli", "--n", "4", "--out", str(tmp_path / "x.pt")]) == 1
+    assert "python -m agm train bernoulli" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "agm", "sample", "nope", "--n", "1", "--out", "x.pt"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown model")

@@ -1,0 +1,73 @@
+import pytest
+import torch
+from torch import nn
+
+from agm import runtime, viz
+from agm.train import train_loop
+
+
+def test_budget_follows_agm_smoke(monkeypatch):
+    monkeypatch.setenv("AGM_SMOKE", "1")
+    assert runtime.is_smoke() and runtime.budget(1000, 10) == 10
+    monkeypatch.setenv("AGM_SMOKE", "0")
+    assert not runtime.is_smoke() and runtime.budget(1000, 10) == 1000
+
+
+def test_device_falls_back_to_cpu_and_can_be_forced(monkeypatch):
+    monkeypatch.setenv("AGM_DEVICE", "cpu")
+    assert runtime.device() == torch.device("cpu")
+    monkeypatch.delenv("AGM_DEVICE")
+    assert runtime.device().type in {"cuda", "mps", "cpu"}
+
+
+def test_seeding_is_reproducible():
+    g1 = runtime.seed_everything(5)
+    a = torch.rand(3, generator=g1), torch.rand(3)
+    g2 = runtime.seed_everything(5)
+    b = torch.rand(3, generator=g2), torch.rand(3)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def test_set_threads(monkeypatch):
+    monkeypatch.setenv("AGM_THREADS", "1")
+    assert runtime.set_threads() == 1 and torch.get_num_threads() == 1
+    runtime.set_threads(2)
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def test_train_loop_overfits_one_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    batch = (torch.randn(16, 8), torch.randn(16, 1))
+    history = train_loop(model, mse, iter(lambda: batch, None), torch.optim.Adam(model.parameters(), 1e-2),
+                         steps=400, log_every=100)
+    assert [h["step"] for h in history] == [100, 200, 300, 400]
+    assert history[-1]["loss"] < 0.01 * mse(nn.Linear(8, 1), batch).item() + 1e-3
+
+
+def test_train_loop_stops_on_nan_without_touching_weights():
+    model = nn.Linear(2, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    nan_batch = (torch.full((4, 2), float("nan")), torch.zeros(4, 1))
+    with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+        train_loop(model, mse, iter(lambda: nan_batch, None), torch.optim.SGD(model.parameters(), 0.1), steps=5)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    with pytest.raises(ValueError, match="steps"):
+        train_loop(model, mse, iter(lambda: nan_batch, None), torch.optim.SGD(model.parameters(), 0.1), steps=0)
+
+
+def test_grid_keeps_pixels_and_saves_png(tmp_path):
+    images = torch.zeros(6, 1, 28, 28)
+    images[0, 0, 0, 0] = 1.0
+    g = viz.grid(images, nrow=3, padding=2)
+    assert g.shape == (2 * 30 + 2, 3 * 30 + 2) and g[2, 2] == 1.0 and g[3, 3] == 0.0
+    viz.save_grid(images, tmp_path / "g.png")
+    assert (tmp_path / "g.png").stat().st_size > 0
+    ax = viz.show_grid(images, nrow=3)
+    assert ax.images[0].get_interpolation() == "nearest"
+    with pytest.raises(ValueError):
+        viz.grid(torch.zeros(28, 28))
