@@ -103,9 +103,9 @@ def build(root: Path = REPO_ROOT, smoke: bool = False, globs=FINGERPRINT_GLOBS, 
     discard_stale(out, current, log)
     config = write_config(root, out, smoke)
     env = dict(os.environ, AGM_SMOKE="1" if smoke else "0", PYDEVD_DISABLE_FILE_VALIDATION="1")
-    cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(root), "--config", str(config),
-           "--toc", str(root / "_toc.yml"), "--path-output", str(path_output(root, smoke)),
-           "-W", "-n", "--keep-going"]
+    jupyter_book = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()"]
+    cmd = jupyter_book + ["build", str(root), "--config", str(config), "--toc", str(root / "_toc.yml"),
+                          "--path-output", str(path_output(root, smoke)), "-W", "-n", "--keep-going"]
     html = out / "html"
     log(f"book: {'smoke' if smoke else 'full'} build -> {html}")
     proc = subprocess.run(cmd, env=env)

@@ -50,7 +50,7 @@ def _renumber(app, env) -> list[str]:
         for anchor, number in secnums.items():
             if number:
                 secnums[anchor] = (n, *number[1:])
-        for figtype, figs in env.toc_fignumbers.get(docname, {}).items():
+        for figs in env.toc_fignumbers.get(docname, {}).values():
             for fig_id, number in figs.items():
                 if len(number) > 1:
                     figs[fig_id] = (n, *number[1:])
