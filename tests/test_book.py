@@ -21,6 +21,7 @@ def write_tiny_book(root: Path, value: int, prose: str) -> None:
         html:
           use_repository_button: false
         sphinx:
+          extra_extensions: [agm.sphinx_ext]
           config:
             nb_ipywidgets_js: {}
         """))
@@ -62,6 +63,9 @@ def test_code_change_reexecutes_and_prose_change_does_not(tmp_path, monkeypatch)
     book.build(tmp_path, globs=globs, log=lambda *_: None)
     value, run = built_output(tmp_path)
     assert value == "1"
+    html = tmp_path / "_build" / "html"
+    assert (html / "_sources" / "page.ipynb").is_file(), "the executed notebook is offered for download"
+    assert "_sources/page.ipynb" in (html / "page.html").read_text()
 
     write_tiny_book(tmp_path, value=1, prose="Other words, same code.")
     book.build(tmp_path, globs=globs, log=lambda *_: None)

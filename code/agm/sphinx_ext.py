@@ -2,6 +2,7 @@
 
 * MathJax 3 comes from the ``django-static-mathjax`` wheel (the files only) and is copied into
   ``_static/mathjax``, so pages typeset their equations with no network.
+* Each executed chapter is offered as a Jupyter notebook in the page's download menu.
 * A chapter file ``book/<module>/NN-slug.md`` is Chapter NN whichever chapters exist before it:
   Sphinx numbers by position in the table of contents, so its section, figure, equation and
   theorem numbers are rewritten to start with NN.
@@ -36,6 +37,20 @@ def _copy_mathjax(app, exception) -> None:
                         ignore=shutil.ignore_patterns("*svg*", "node-main.js"))
 
 
+def _executed_notebook(app, pagename: str) -> Path:
+    # myst-nb writes each executed notebook beside the HTML folder, in jupyter_execute/.
+    return Path(app.outdir).parent / "jupyter_execute" / f"{pagename}.ipynb"
+
+
+def _offer_notebook(app, pagename, templatename, context, doctree) -> None:
+    notebook = _executed_notebook(app, pagename)
+    if app.builder.format == "html" and notebook.is_file():
+        dest = Path(app.outdir) / "_sources" / f"{pagename}.ipynb"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(notebook, dest)
+        context["ipynb_source"] = f"{pagename}.ipynb"  # read by the theme's download menu
+
+
 def chapter_number(docname: str) -> int | None:
     m = CHAPTER.search(docname)
     return int(m.group(1)) if m else None
@@ -60,5 +75,6 @@ def _renumber(app, env) -> list[str]:
 def setup(app):
     app.connect("config-inited", _use_local_mathjax, priority=900)
     app.connect("env-get-updated", _renumber, priority=900)  # after Sphinx's own numbering (500)
+    app.connect("html-page-context", _offer_notebook, priority=400)  # before the theme's buttons (501)
     app.connect("build-finished", _copy_mathjax)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
