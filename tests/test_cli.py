@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,12 +9,16 @@ import torch
 
 from agm import checkpoint
 from agm.cli import main
+from agm.runtime import checkpoint_dir
 
 
 @pytest.fixture
 def trained(tmp_path, monkeypatch):
     """Smoke-trained Chapter 1 models in a private checkpoint folder."""
     monkeypatch.setenv("AGM_CHECKPOINTS", str(tmp_path / "ckpt"))
+    (tmp_path / "ckpt").mkdir()
+    for f in ("classifier.pt", "classifier.json"):  # the metrics kit's ruler
+        shutil.copy(checkpoint_dir() / f, tmp_path / "ckpt" / f)
     for name in ("bernoulli", "bernoulli-mixture"):
         assert main(["train", name, "--smoke", "--out-dir", str(tmp_path / "ckpt")]) == 0
     return tmp_path
@@ -52,10 +57,13 @@ def test_sample_writes_the_documented_format(trained, capsys):
     assert torch.equal(torch.load(trained / "t.pt", weights_only=True)["images"], images)
 
 
-def test_evaluate_json(trained, capsys):
-    assert main(["evaluate", "bernoulli", "--json"]) == 0
+def test_evaluate_json_reports_likelihood_and_the_kit(trained, capsys):
+    assert main(["evaluate", "bernoulli", "--json", "--n", "300"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["test_nll_nats"] > 0 and metrics["test_bits_per_dim"] > 0
+    assert metrics["n_samples"] == 300 and metrics["fid"] > 0 and 0 <= metrics["precision"] <= 1
+    manifest = checkpoint.read_manifest("bernoulli", trained / "ckpt")
+    assert manifest.metrics["metrics_classifier_sha256"] == metrics["metrics_classifier_sha256"]
 
 
 @pytest.mark.parametrize(
@@ -67,6 +75,7 @@ def test_evaluate_json(trained, capsys):
         (["sample", "bernoulli", "--n", "4", "--out", "no/such/dir/x.pt"], "does not exist"),
         (["train", "no-such-model"], "unknown model"),
         (["evaluate", "no-such-model"], "unknown model"),
+        (["evaluate", "bernoulli", "--n", "1"], "--n must be between"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):

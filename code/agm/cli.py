@@ -13,10 +13,11 @@ import torch
 
 from agm import checkpoint, registry
 from agm.data import DataError, provision
-from agm.runtime import repo_path, seed_everything, set_threads
+from agm.runtime import budget, repo_path, seed_everything, set_threads
 
 SMOKE_CHECKPOINTS = repo_path("_build", "smoke-checkpoints")
 MAX_SAMPLES = 100_000
+LIST_METRICS = ("test_accuracy", "test_nll_nats", "fid", "inception_score", "precision", "recall", "class_coverage")
 
 
 class UsageError(Exception):
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="the metrics the book reports for a model")
     e.add_argument("name")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--n", type=int, help="samples for the sample-quality metrics (default 10000; smoke 500)")
+    e.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -58,7 +61,8 @@ def cmd_list(args) -> int:
         metrics = ""
         if state == "verified":
             m = checkpoint.read_manifest(name).metrics
-            metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+            shown = [k for k in LIST_METRICS if k in m]
+            metrics = ", ".join(f"{k}={m[k]:.4g}" for k in shown)
         print(f"{name:<22} {spec.chapter:>3}  {state:<10} {metrics}")
     return 0
 
@@ -85,7 +89,7 @@ def _train(spec: registry.ModelSpec, args) -> int:
     start = time.perf_counter()
     result = spec.train()
     wall = time.perf_counter() - start
-    metrics = spec.evaluate(result.model.eval())
+    metrics = all_metrics(spec, result.model.eval(), seed=args.seed)
     command = f"python -m agm train {spec.name}" + (" --smoke" if args.smoke else "")
     if args.seed:
         command += f" --seed {args.seed}"
@@ -128,12 +132,29 @@ def cmd_sample(args, spec: registry.ModelSpec, options: dict) -> int:
     return 0
 
 
+def all_metrics(spec: registry.ModelSpec, model, n: int | None = None, seed: int = 0) -> dict:
+    """The model's own metrics (e.g. NLL) and, for generative models, the kit on ``n`` samples."""
+    seed_everything(seed)
+    metrics = spec.evaluate(model)
+    if spec.generative:
+        from agm.metrics import classifier, sample_metrics
+
+        n = n or budget(10_000, 500)
+        labels = torch.arange(n) % spec.num_classes if spec.conditional else None
+        with torch.no_grad():
+            images = spec.sample(model, n, torch.Generator().manual_seed(seed), labels).clamp(0, 1).float().cpu()
+        metrics |= sample_metrics(images)
+        metrics["metrics_classifier_sha256"] = classifier()[1]
+    return metrics
+
+
 def cmd_evaluate(args) -> int:
     spec = registry.get(args.name)
+    if args.n is not None and not 2 <= args.n <= MAX_SAMPLES:
+        raise UsageError(f"--n must be between 2 and {MAX_SAMPLES}, got {args.n}")
     model, manifest = registry.load_model(spec.name)
     set_threads()
-    seed_everything(0)
-    metrics = spec.evaluate(model)
+    metrics = all_metrics(spec, model, args.n, args.seed)
     if args.json:
         print(json.dumps(metrics, indent=2, sort_keys=True))
     else:

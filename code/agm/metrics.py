@@ -10,8 +10,14 @@ Nats per image convert to bits/dim as ``nats / (D ln 2)``, D = 784 for MNIST.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
+from pathlib import Path
 
+import numpy as np
 import torch
+
+from agm.data import check_images, mnist
+from agm.runtime import checkpoint_dir, data_root, device
 
 PIXELS = 28 * 28
 
@@ -34,3 +40,169 @@ def nll_report(log_probs: torch.Tensor, prefix: str = "test") -> dict[str, float
         f"{prefix}_nll_nats_se": (nll.std() / math.sqrt(len(nll))).item(),
         f"{prefix}_bits_per_dim": nats_to_bits_per_dim(mean),
     }
+
+
+# --- sample quality on the MNIST classifier ----------------------------------------------------
+#
+# "FID (MNIST classifier)": the Fréchet distance between Gaussians fitted to the classifier's
+# penultimate features of generated images and of the 10 000 test images; Inception Score on its
+# softmax; precision/recall with k-nearest-neighbour manifolds in the same feature space;
+# class coverage of the predicted labels. The test set's statistics are computed once per
+# classifier checkpoint and cached in data/cache/ (git-ignored), keyed by its sha256.
+
+NUM_CLASSES = 10
+
+
+def _psd_sqrt(a: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a positive semi-definite matrix (tiny negative eigenvalues -> 0)."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Squared 2-Wasserstein distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    Computed with symmetric eigendecompositions, so singular covariances are fine.
+    """
+    # $d^2 = \|\mu_1-\mu_2\|^2 + \mathrm{tr}(\Sigma_1 + \Sigma_2 - 2(\Sigma_1^{1/2}\Sigma_2\Sigma_1^{1/2})^{1/2})$
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or mu1.ndim != 1 or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1),) * 2:
+        raise ValueError(f"shapes do not match: mu {mu1.shape}, {mu2.shape}; sigma {sigma1.shape}, {sigma2.shape}")
+    root1 = _psd_sqrt(sigma1)
+    # $\operatorname{tr}(\Sigma_1^{1/2}\Sigma_2\Sigma_1^{1/2})^{1/2} = \sum_i \sqrt{\lambda_i}$
+    eig = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def gaussian_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of ``[N, d]`` features, in float64."""
+    n, d = features.shape
+    if n <= d:
+        raise ValueError(f"FID needs more samples than feature dimensions ({d}); got {n}")
+    f = features.double().numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def inception_score(probs: torch.Tensor) -> float:
+    """$\\exp \\mathbb{E}_x \\mathrm{KL}(p(y|x) \\| p(y))$ with $p(y)$ the average of $p(y|x)$."""
+    if probs.ndim != 2 or not torch.allclose(probs.sum(1), torch.ones(len(probs), dtype=probs.dtype), atol=1e-4):
+        raise ValueError("probs must be [N, K] with rows summing to one")
+    p = probs.double()
+    p_y = p.mean(0, keepdim=True)
+    kl = (torch.xlogy(p, p) - torch.xlogy(p, p_y)).sum(1)
+    return float(kl.mean().exp())
+
+
+def class_histogram(probs: torch.Tensor) -> torch.Tensor:
+    """Fraction of images assigned (argmax) to each class."""
+    return torch.bincount(probs.argmax(1), minlength=probs.shape[1]).double() / len(probs)
+
+
+def class_coverage(probs: torch.Tensor) -> tuple[float, float]:
+    """(coverage, tv): the fraction of classes that receive at least half their uniform share
+    1/(2K) of the predicted labels, and the total-variation distance of the predicted class
+    histogram from uniform, 1/2 sum_c |h_c - 1/K|."""
+    h = class_histogram(probs)
+    k = len(h)
+    return float((h >= 0.5 / k).double().mean()), float(0.5 * (h - 1 / k).abs().sum())
+
+
+def _kth_neighbour_radii(x: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Distance from each row of x to its k-th nearest other row."""
+    radii = []
+    for i in range(0, len(x), chunk):
+        d = torch.cdist(x[i : i + chunk], x)  # (chunk, N)
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # +1 skips the point itself
+    return torch.cat(radii)
+
+
+def _inside_manifold(query: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, chunk: int = 1024):
+    """For each query, whether it lies in some ball B(support_j, radii_j)."""
+    inside = []
+    for i in range(0, len(query), chunk):
+        d = torch.cdist(query[i : i + chunk], support)  # (chunk, M)
+        inside.append((d <= radii[None, :]).any(1))
+    return torch.cat(inside)
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Kynkäänniemi et al. (2019): precision = share of fakes inside the real manifold,
+    recall = share of reals inside the fake manifold; a manifold is the union of k-NN balls."""
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be [N, d] with the same d, got {list(real.shape)}, {list(fake.shape)}")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points in each set")
+    real, fake = real.float(), fake.float()
+    precision = _inside_manifold(fake, real, _kth_neighbour_radii(real, k)).double().mean()
+    recall = _inside_manifold(real, fake, _kth_neighbour_radii(fake, k)).double().mean()
+    return float(precision), float(recall)
+
+
+@lru_cache(maxsize=2)
+def _classifier(directory: str):
+    from agm import registry
+
+    model, manifest = registry.load_model("classifier", Path(directory))
+    return model.to(device()), manifest.sha256
+
+
+def classifier():
+    """The shipped MNIST classifier (sha256-verified) and its checkpoint's sha256."""
+    return _classifier(str(checkpoint_dir()))
+
+
+@torch.no_grad()
+def classifier_outputs(images: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features ``[N, d]`` and class probabilities ``[N, 10]`` of images in [0, 1]."""
+    check_images(images)
+    model, _ = classifier()
+    dev = next(model.parameters()).device
+    feats, probs = [], []
+    for i in range(0, len(images), batch_size):
+        f = model.features(images[i : i + batch_size].to(dev))
+        feats.append(f.cpu())
+        probs.append(model.head(f).softmax(1).cpu())
+    return torch.cat(feats), torch.cat(probs)
+
+
+def reference_stats() -> dict[str, torch.Tensor]:
+    """Features, mean and covariance of the 10 000 test images, cached per classifier sha256."""
+    _, sha = classifier()
+    path = data_root() / "cache" / f"metrics-reference-{sha[:16]}.pt"
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    x, _ = mnist("test")
+    feats, probs = classifier_outputs(x)
+    mu, sigma = gaussian_stats(feats)
+    stats = {"features": feats, "probs": probs, "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(stats, path)
+    return stats
+
+
+def sample_metrics(images: torch.Tensor, k: int = 3) -> dict[str, float]:
+    """The kit: FID (MNIST classifier), IS, precision, recall and class coverage of ``images``."""
+    check_images(images)
+    ref = reference_stats()
+    feats, probs = classifier_outputs(images)
+    mu, sigma = gaussian_stats(feats)
+    precision, recall = precision_recall(ref["features"], feats, k)
+    coverage, tv = class_coverage(probs)
+    return {
+        "fid": frechet_distance(mu, sigma, ref["mu"].numpy(), ref["sigma"].numpy()),
+        "inception_score": inception_score(probs),
+        "precision": precision,
+        "recall": recall,
+        "class_coverage": coverage,
+        "class_tv": tv,
+        "n_samples": len(images),
+    }
+
+
+def real_floor(n: int, seed: int = 0) -> dict[str, float]:
+    """The kit on ``n`` real training images: the best any model can hope for at that n."""
+    x, _ = mnist("trainval")
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return sample_metrics(x[idx])

@@ -20,6 +20,7 @@ from agm import checkpoint
 MODEL_MODULES = [
     "agm.foundations.bernoulli",
     "agm.foundations.mixture",
+    "agm.classifier",
 ]
 
 
@@ -42,6 +43,7 @@ class ModelSpec:
     sample: Callable[..., torch.Tensor]  # (model, n, generator, labels, **options) -> [n, 1, 28, 28]
     evaluate: Callable[[nn.Module], dict[str, float]]  # the metrics the book reports
     conditional: bool = False
+    generative: bool = True  # False for helpers such as the metrics' classifier
     num_classes: int = 10
     train_minutes: float = 1.0  # rough time of `train NAME` on 2 CPU cores, for error messages
     add_sample_options: Callable[[argparse.ArgumentParser], None] | None = None

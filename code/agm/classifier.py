@@ -1,0 +1,132 @@
+"""The MNIST classifier behind the metrics kit: its penultimate features feed FID and
+precision/recall, its softmax the Inception Score and class coverage.
+
+Trained on the 50 000 images of the ``train`` split (``valid`` picks the best epoch); the
+``test`` split is the metrics' reference set and is never seen in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agm.data import minibatches, mnist
+from agm.registry import ModelSpec, TrainResult, register
+from agm.runtime import budget, device
+
+
+@dataclass
+class ClassifierConfig:
+    width: int = 32  # channels of the first conv block (the second has twice as many)
+    features: int = 128  # dimension of the penultimate layer used by FID and precision/recall
+    dropout: float = 0.3
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 2e-3
+    max_shift: int = 2  # training augmentation: random translations of up to this many pixels
+    seed: int = 0
+
+
+class MNISTClassifier(nn.Module):
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self.config = config
+        w = config.width
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+                nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+                nn.MaxPool2d(2),
+            )
+
+        self.body = nn.Sequential(block(1, w), block(w, 2 * w), nn.Flatten())  # (B, 2w * 7 * 7)
+        self.embed = nn.Sequential(nn.Linear(2 * w * 49, config.features), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.features, 10))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations ``[B, features]`` of images in [0, 1]."""
+        return self.embed(self.body(x - 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # logits (B, 10)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels (zero fill)."""
+    if max_shift == 0:
+        return x
+    padded = F.pad(x, [max_shift] * 4)
+    dx, dy = torch.randint(0, 2 * max_shift + 1, (2, len(x)), generator=generator)
+    rows = (torch.arange(28)[None, :] + dy[:, None])[:, :, None]  # (B, 28, 1)
+    cols = (torch.arange(28)[None, :] + dx[:, None])[:, None, :]  # (B, 1, 28)
+    return padded[torch.arange(len(x))[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
+@torch.no_grad()
+def accuracy(model: MNISTClassifier, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    model.eval()
+    dev = next(model.parameters()).device
+    correct = sum((model(x[i : i + batch_size].to(dev)).argmax(1).cpu() == y[i : i + batch_size]).sum().item()
+                  for i in range(0, len(x), batch_size))
+    return correct / len(x)
+
+
+def fit(config: ClassifierConfig, n_train: int | None = None, log=print) -> MNISTClassifier:
+    """Adam with a cosine learning-rate decay; keeps the weights of the best validation epoch."""
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    x, y = mnist("train")
+    x, y = x[:n_train], y[:n_train]
+    xv, yv = mnist("valid")
+    dev = device()
+    model = MNISTClassifier(config).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    steps = config.epochs * ((len(x) + config.batch_size - 1) // config.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
+    best, best_state = -1.0, None
+    for epoch in range(config.epochs):
+        model.train()
+        for idx in minibatches(len(x), config.batch_size, generator):
+            xb = random_shift(x[idx], config.max_shift, generator).to(dev)
+            loss = F.cross_entropy(model(xb), y[idx].to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        val = accuracy(model, xv, yv)
+        log(f"epoch {epoch + 1}/{config.epochs}: validation accuracy {val:.4f}")
+        if val > best:
+            best, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return model.cpu().eval()
+
+
+def build(config: dict) -> MNISTClassifier:
+    return MNISTClassifier(ClassifierConfig(**config))
+
+
+def train() -> TrainResult:
+    config = ClassifierConfig(epochs=budget(8, 1))
+    model = fit(config, n_train=budget(None, 2000))
+    return TrainResult(model, asdict(config), steps=config.epochs)
+
+
+def evaluate(model: MNISTClassifier) -> dict[str, float]:
+    x, y = mnist("test")
+    xv, yv = mnist("valid")
+    return {"test_accuracy": accuracy(model, x, y), "valid_accuracy": accuracy(model, xv, yv)}
+
+
+def _no_samples(model, n, generator, labels=None):
+    raise ValueError("the classifier is not a generative model; it has nothing to sample")
+
+
+
+register(ModelSpec(
+    name="classifier", chapter=14, summary="MNIST CNN classifier (features for FID, IS, precision/recall)",
+    build=build, train=train, evaluate=evaluate, sample=_no_samples, generative=False, train_minutes=10.0,
+))
