@@ -15,10 +15,11 @@ from agm.runtime import checkpoint_dir
 @pytest.fixture
 def trained(tmp_path, monkeypatch):
     """Smoke-trained Chapter 1 models in a private checkpoint folder."""
+    shipped = checkpoint_dir()
     monkeypatch.setenv("AGM_CHECKPOINTS", str(tmp_path / "ckpt"))
     (tmp_path / "ckpt").mkdir()
     for f in ("classifier.pt", "classifier.json"):  # the metrics kit's ruler
-        shutil.copy(checkpoint_dir() / f, tmp_path / "ckpt" / f)
+        shutil.copy(shipped / f, tmp_path / "ckpt" / f)
     for name in ("bernoulli", "bernoulli-mixture"):
         assert main(["train", name, "--smoke", "--out-dir", str(tmp_path / "ckpt")]) == 0
     return tmp_path

@@ -118,9 +118,11 @@ def test_images():
 def test_real_data_scores_well(test_images):
     x, _ = test_images
     m = metrics.sample_metrics(x[:2000])
-    assert m["fid"] < 1.0 and m["inception_score"] > 9.0
-    assert m["precision"] > 0.95 and m["recall"] > 0.95 and m["class_coverage"] == 1.0
-    assert m["n_samples"] == 2000
+    assert m["inception_score"] > 9.5 and m["class_coverage"] == 1.0 and m["class_tv"] < 0.05
+    assert m["precision"] == 1.0  # every test image lies in its own k-NN ball of the reference set
+    assert m["recall"] > 0.8 and m["n_samples"] == 2000
+    blurred = metrics.sample_metrics(torch.nn.functional.avg_pool2d(x[:2000], 3, 1, 1))
+    assert blurred["fid"] > 2 * m["fid"]
 
 
 def test_precision_and_recall_fall_as_classes_are_dropped(test_images):

@@ -82,6 +82,7 @@ def fit(config: ClassifierConfig, n_train: int | None = None, log=print) -> MNIS
     x, y = mnist("train")
     x, y = x[:n_train], y[:n_train]
     xv, yv = mnist("valid")
+    xv, yv = xv[: budget(None, 1000)], yv[: budget(None, 1000)]
     dev = device()
     model = MNISTClassifier(config).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -116,8 +117,10 @@ def train() -> TrainResult:
 
 
 def evaluate(model: MNISTClassifier) -> dict[str, float]:
+    n = budget(None, 1000)
     x, y = mnist("test")
     xv, yv = mnist("valid")
+    x, y, xv, yv = x[:n], y[:n], xv[:n], yv[:n]
     return {"test_accuracy": accuracy(model, x, y), "valid_accuracy": accuracy(model, xv, yv)}
 
 
