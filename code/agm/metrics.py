@@ -16,10 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agm.data import check_images, mnist
+from agm.data import binarized_test_set, check_images, mnist
 from agm.runtime import checkpoint_dir, data_root, device
 
 PIXELS = 28 * 28
+
+
+def binarized_test_nll(model) -> dict[str, float]:
+    """NLL report of a model with ``log_prob`` on the test set binarized once with a fixed seed."""
+    x, _ = binarized_test_set()
+    with torch.no_grad():
+        return nll_report(model.log_prob(x))
 
 
 def nats_to_bits_per_dim(nats_per_image: float, dims: int = PIXELS) -> float:

@@ -49,6 +49,11 @@ class ModelSpec:
     add_sample_options: Callable[[argparse.ArgumentParser], None] | None = None
 
 
+def unconditional_sample(model: nn.Module, n: int, generator: torch.Generator, labels=None) -> torch.Tensor:
+    """``spec.sample`` for a model with a ``sample(n, generator)`` method and no labels."""
+    return model.sample(n, generator)
+
+
 _REGISTRY: dict[str, ModelSpec] = {}
 
 

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from agm.data import binarized_test_set, check_images, mnist
-from agm.metrics import nll_report
-from agm.registry import ModelSpec, TrainResult, register
+from agm.data import check_images, mnist
+from agm.metrics import binarized_test_nll
+from agm.registry import ModelSpec, TrainResult, register, unconditional_sample
 
 
 @dataclass
@@ -55,14 +55,9 @@ def train() -> TrainResult:
     return TrainResult(model, asdict(model.config), steps=1)
 
 
-def evaluate(model: IndependentBernoulli) -> dict[str, float]:
-    x, _ = binarized_test_set()
-    return nll_report(model.log_prob(x))
-
-
 register(ModelSpec(
     name="bernoulli", chapter=1, summary="independent-pixel Bernoulli (closed-form fit)",
-    build=build, train=train, evaluate=evaluate,
-    sample=lambda model, n, generator, labels=None: model.sample(n, generator),
+    build=build, train=train, evaluate=binarized_test_nll,
+    sample=unconditional_sample,
     train_minutes=0.1,
 ))

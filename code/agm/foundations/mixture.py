@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from agm.data import binarize, binarized_test_set, check_images, mnist
-from agm.metrics import nll_report
-from agm.registry import ModelSpec, TrainResult, register
+from agm.data import binarize, check_images, mnist
+from agm.metrics import binarized_test_nll
+from agm.registry import ModelSpec, TrainResult, register, unconditional_sample
 from agm.runtime import budget
 
 
@@ -111,14 +111,9 @@ def train() -> TrainResult:
     return TrainResult(model, asdict(config), steps=config.iterations)
 
 
-def evaluate(model: BernoulliMixture) -> dict[str, float]:
-    x, _ = binarized_test_set()
-    return nll_report(model.log_prob(x))
-
-
 register(ModelSpec(
     name="bernoulli-mixture", chapter=1, summary="mixture of 50 independent-pixel Bernoullis (EM)",
-    build=build, train=train, evaluate=evaluate,
-    sample=lambda model, n, generator, labels=None: model.sample(n, generator),
+    build=build, train=train, evaluate=binarized_test_nll,
+    sample=unconditional_sample,
     train_minutes=1.0,
 ))
