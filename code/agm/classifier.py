@@ -16,6 +16,7 @@ from torch import nn
 from agm.data import minibatches, mnist
 from agm.registry import ModelSpec, TrainResult, register
 from agm.runtime import budget, device
+from agm.train import train_loop
 
 
 @dataclass
@@ -75,8 +76,19 @@ def accuracy(model: MNISTClassifier, x: torch.Tensor, y: torch.Tensor, batch_siz
     return correct / len(x)
 
 
+def classification_loss(model: MNISTClassifier, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def augmented_batches(x, y, config: ClassifierConfig, generator: torch.Generator, dev: torch.device):
+    """One epoch of shuffled, randomly shifted batches."""
+    for idx in minibatches(len(x), config.batch_size, generator):
+        yield random_shift(x[idx], config.max_shift, generator).to(dev), y[idx].to(dev)
+
+
 def fit(config: ClassifierConfig, n_train: int | None = None, log=print) -> MNISTClassifier:
-    """Adam with a cosine learning-rate decay; keeps the weights of the best validation epoch."""
+    """Adam with a one-cycle learning rate; keeps the weights of the best validation epoch."""
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     x, y = mnist("train")
@@ -86,18 +98,12 @@ def fit(config: ClassifierConfig, n_train: int | None = None, log=print) -> MNIS
     dev = device()
     model = MNISTClassifier(config).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    steps = config.epochs * ((len(x) + config.batch_size - 1) // config.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
+    per_epoch = (len(x) + config.batch_size - 1) // config.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * per_epoch)
     best, best_state = -1.0, None
     for epoch in range(config.epochs):
-        model.train()
-        for idx in minibatches(len(x), config.batch_size, generator):
-            xb = random_shift(x[idx], config.max_shift, generator).to(dev)
-            loss = F.cross_entropy(model(xb), y[idx].to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        train_loop(model, classification_loss, augmented_batches(x, y, config, generator, dev), opt,
+                   steps=per_epoch, log_every=per_epoch, desc=f"epoch {epoch + 1}", on_step=lambda _: sched.step())
         val = accuracy(model, xv, yv)
         log(f"epoch {epoch + 1}/{config.epochs}: validation accuracy {val:.4f}")
         if val > best:
