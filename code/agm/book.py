@@ -111,8 +111,8 @@ def build(root: Path = REPO_ROOT, smoke: bool = False, globs=FINGERPRINT_GLOBS, 
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0 or not (html / "index.html").is_file():
         raise SystemExit(
-            f"book: the build failed (exit {proc.returncode}). Read the warnings above; a chapter's "
-            f"execution log is in {html / 'reports'}."
+            f"book: the build failed (exit {proc.returncode}). The warnings above name the chapter and, for an "
+            "execution error, the failing cell and its traceback."
         )
     external = external_assets(html)
     if external:

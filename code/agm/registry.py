@@ -20,6 +20,7 @@ from agm import checkpoint
 MODEL_MODULES = [
     "agm.foundations.bernoulli",
     "agm.foundations.mixture",
+    "agm.foundations.fgan",
     "agm.classifier",
 ]
 
