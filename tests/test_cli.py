@@ -101,3 +101,9 @@ def test_module_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "agm", "sample", "nope", "--n", "1", "--out", "x.pt"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown model")
+
+
+def test_train_seed_reaches_the_model_and_the_manifest(tmp_path):
+    assert main(["train", "bernoulli-mixture", "--smoke", "--seed", "1", "--out-dir", str(tmp_path)]) == 0
+    manifest = checkpoint.read_manifest("bernoulli-mixture", tmp_path)
+    assert manifest.config["seed"] == 1 and manifest.command.endswith("--smoke --seed 1")

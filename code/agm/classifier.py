@@ -116,8 +116,8 @@ def build(config: dict) -> MNISTClassifier:
     return MNISTClassifier(ClassifierConfig(**config))
 
 
-def train() -> TrainResult:
-    config = ClassifierConfig(epochs=budget(8, 1))
+def train(seed: int = 0) -> TrainResult:
+    config = ClassifierConfig(epochs=budget(8, 1), seed=seed)
     model = fit(config, n_train=budget(None, 2000))
     return TrainResult(model, asdict(config), steps=config.epochs)
 

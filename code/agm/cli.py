@@ -87,7 +87,7 @@ def _train(spec: registry.ModelSpec, args) -> int:
     seed_everything(args.seed)
     print(f"training {spec.name} (chapter {spec.chapter}){' [smoke]' if args.smoke else ''} ...")
     start = time.perf_counter()
-    result = spec.train()
+    result = spec.train(args.seed)
     wall = time.perf_counter() - start
     metrics = all_metrics(spec, result.model.eval(), seed=args.seed)
     command = f"python -m agm train {spec.name}" + (" --smoke" if args.smoke else "")

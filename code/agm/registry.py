@@ -40,7 +40,7 @@ class ModelSpec:
     chapter: int
     summary: str
     build: Callable[[dict[str, Any]], nn.Module]  # config -> untrained model
-    train: Callable[[], TrainResult]  # trains under the runtime's (full or smoke) budgets
+    train: Callable[[int], TrainResult]  # (seed) -> trained model, under the runtime's full or smoke budgets
     sample: Callable[..., torch.Tensor]  # (model, n, generator, labels, **options) -> [n, 1, 28, 28]
     evaluate: Callable[[nn.Module], dict[str, float]]  # the metrics the book reports
     conditional: bool = False

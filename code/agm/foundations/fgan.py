@@ -125,8 +125,8 @@ def build(config: dict) -> FGAN:
 
 
 def trainer(divergence: str):
-    def train() -> TrainResult:
-        config = FGANConfig(divergence=divergence, steps=budget(FGANConfig.steps, 30))
+    def train(seed: int = 0) -> TrainResult:
+        config = FGANConfig(divergence=divergence, steps=budget(FGANConfig.steps, 30), seed=seed)
         model, _ = fit(config)
         return TrainResult(model, asdict(config), steps=config.steps)
 

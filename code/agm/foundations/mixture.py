@@ -102,10 +102,10 @@ def build(config: dict) -> BernoulliMixture:
     return BernoulliMixture(MixtureConfig(**config))
 
 
-def train() -> TrainResult:
+def train(seed: int = 0) -> TrainResult:
     x, _ = mnist("trainval")
     x = x[: budget(len(x), 2000)]
-    config = MixtureConfig(iterations=budget(30, 3))
+    config = MixtureConfig(iterations=budget(30, 3), seed=seed)
     model = BernoulliMixture(config)
     fit_em(model, x, config.iterations)
     return TrainResult(model, asdict(config), steps=config.iterations)
