@@ -1,0 +1,1 @@
+"""Module 4 of the book: diffusion models (Chapters 24–41)."""

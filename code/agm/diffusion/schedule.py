@@ -1,0 +1,113 @@
+"""The DDPM noise schedule and the closed forms of Ho et al. (2020): separate from any network.
+
+Names follow the diffusers schedulers (``betas``, ``alphas_cumprod``, ``pred_original_sample``,
+``prev_sample``); timesteps are 0-based, t = 0 .. T-1, as there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ScheduleConfig:
+    num_timesteps: int = 1000  # T
+    kind: str = "linear"  # "linear" (Ho et al., 2020) or "cosine" (Nichol & Dhariwal, 2021)
+    beta_start: float = 1e-4  # linear: beta_1
+    beta_end: float = 0.02  # linear: beta_T
+    cosine_s: float = 0.008  # cosine: offset that keeps beta_1 from being too small
+    max_beta: float = 0.999  # cosine: clip, so the last steps do not destroy everything at once
+
+
+def linear_betas(config: ScheduleConfig) -> torch.Tensor:
+    return torch.linspace(config.beta_start, config.beta_end, config.num_timesteps, dtype=torch.float64)
+
+
+def cosine_betas(config: ScheduleConfig) -> torch.Tensor:
+    # $\bar\alpha(s) = \cos^2\big(\frac{s + c}{1 + c}\cdot\frac{\pi}{2}\big)$
+    # $\beta_t = 1 - \bar\alpha((t+1)/T) / \bar\alpha(t/T)$
+    s = torch.arange(config.num_timesteps + 1, dtype=torch.float64) / config.num_timesteps
+    alpha_bar = torch.cos((s + config.cosine_s) / (1 + config.cosine_s) * math.pi / 2) ** 2
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=config.max_beta)
+
+
+class NoiseSchedule:
+    """Forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) and what follows from it."""
+
+    def __init__(self, config: ScheduleConfig | None = None):
+        self.config = config = config or ScheduleConfig()
+        if config.kind not in ("linear", "cosine"):
+            raise ValueError(f"unknown schedule {config.kind!r}; choose 'linear' or 'cosine'")
+        if config.num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {config.num_timesteps}")
+        self.betas = linear_betas(config) if config.kind == "linear" else cosine_betas(config)
+        # $\alpha_t = 1 - \beta_t$, $\bar\alpha_t = \prod_{s \le t} \alpha_s$
+        self.alphas = 1 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        # $\tilde\beta_t = \frac{1 - \bar\alpha_{t-1}}{1 - \bar\alpha_t}\beta_t$
+        self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        # $\tilde\mu_t = \frac{\sqrt{\bar\alpha_{t-1}}\beta_t}{1-\bar\alpha_t} x_0
+        #   + \frac{\sqrt{\alpha_t}(1-\bar\alpha_{t-1})}{1-\bar\alpha_t} x_t$
+        self.posterior_mean_coef1 = self.alphas_cumprod_prev.sqrt() * self.betas / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = self.alphas.sqrt() * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.config.num_timesteps
+
+    def _at(self, values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """values[t] shaped to broadcast against a batch x of shape (B, ...)."""
+        t = torch.as_tensor(t, dtype=torch.long, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(len(x))
+        if t.shape != (len(x),):
+            raise ValueError(f"t must be a scalar or have shape ({len(x)},), got {tuple(t.shape)}")
+        if (t < 0).any() or (t >= self.num_timesteps).any():
+            raise ValueError(f"timesteps must lie in 0..{self.num_timesteps - 1}")
+        return values.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio $\\bar\\alpha_t / (1 - \\bar\\alpha_t)$."""
+        return self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Draw x_t ~ q(x_t | x_0) in closed form (diffusers: ``add_noise``)."""
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
+        # $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon$
+        a = self._at(self.alphas_cumprod, t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x_0)."""
+        mean = self._at(self.posterior_mean_coef1, t, xt) * x0 + self._at(self.posterior_mean_coef2, t, xt) * xt
+        return mean, self._at(self.posterior_variance, t, xt)
+
+    def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        # $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\hat\epsilon) / \sqrt{\bar\alpha_t}$
+        a = self._at(self.alphas_cumprod, t, xt)
+        return (xt - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def step(self, eps: torch.Tensor, t: int, xt: torch.Tensor, generator: torch.Generator | None = None,
+             variance: str = "beta_tilde") -> tuple[torch.Tensor, torch.Tensor]:
+        """One ancestral step x_t -> x_{t-1} from a predicted noise; returns (prev_sample, pred_original_sample).
+
+        ``variance``: "beta_tilde" (the posterior variance, diffusers "fixed_small") or "beta"
+        ("fixed_large"). No noise is added at t = 0.
+        """
+        if variance not in ("beta_tilde", "beta"):
+            raise ValueError(f"variance must be 'beta_tilde' or 'beta', got {variance!r}")
+        # 1. the predicted original sample (Ho et al., eq. 15)
+        pred_original_sample = self.predict_x0(xt, t, eps)
+        # 2. the posterior mean with x_0 replaced by its prediction (eq. 7)
+        mean, beta_tilde = self.q_posterior(pred_original_sample, xt, t)
+        if t == 0:
+            return mean, pred_original_sample
+        # 3. add noise with the chosen variance
+        var = beta_tilde.clamp(min=1e-20) if variance == "beta_tilde" else self._at(self.betas, t, xt)
+        noise = torch.randn(xt.shape, generator=generator, dtype=xt.dtype)
+        return mean + var.sqrt() * noise, pred_original_sample
