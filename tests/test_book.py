@@ -25,8 +25,17 @@ def write_tiny_book(root: Path, value: int, prose: str) -> None:
           config:
             nb_ipywidgets_js: {}
         """))
-    (root / "_toc.yml").write_text("format: jb-book\nroot: page\n")
-    (root / "page.md").write_text(textwrap.dedent(f"""\
+    (root / "_toc.yml").write_text(textwrap.dedent("""\
+        format: jb-book
+        root: index
+        parts:
+          - caption: A part
+            numbered: true
+            chapters:
+              - file: 07-page
+        """))
+    (root / "index.md").write_text("# Tiny book\n")
+    (root / "07-page.md").write_text(textwrap.dedent(f"""\
         ---
         jupytext:
           text_representation:
@@ -49,7 +58,7 @@ def write_tiny_book(root: Path, value: int, prose: str) -> None:
 
 
 def built_output(root: Path) -> tuple[str, str]:
-    html = (root / "_build" / "html" / "page.html").read_text()
+    html = (root / "_build" / "html" / "07-page.html").read_text()
     m = re.search(r"value (\d+) run ([0-9a-f]{32})", html)
     assert m, "the cell's output is missing from the page"
     return m.group(1), m.group(2)
@@ -64,12 +73,16 @@ def test_code_change_reexecutes_and_prose_change_does_not(tmp_path, monkeypatch)
     value, run = built_output(tmp_path)
     assert value == "1"
     html = tmp_path / "_build" / "html"
-    assert (html / "_sources" / "page.ipynb").is_file(), "the executed notebook is offered for download"
-    assert "_sources/page.ipynb" in (html / "page.html").read_text()
+    assert (html / "_sources" / "07-page.ipynb").is_file(), "the executed notebook is offered for download"
+    page = (html / "07-page.html").read_text()
+    assert "_sources/07-page.ipynb" in page
+    # the only chapter is numbered 7, from its file name, in its title and in the sidebar
+    assert re.search(r"<h1>\s*<span class=\"section-number\">7\. </span>Tiny", page)
+    assert re.search(r"7\. Tiny", (html / "index.html").read_text())
 
     write_tiny_book(tmp_path, value=1, prose="Other words, same code.")
     book.build(tmp_path, globs=globs, log=lambda *_: None)
-    assert "Other words" in (tmp_path / "_build" / "html" / "page.html").read_text()
+    assert "Other words" in (tmp_path / "_build" / "html" / "07-page.html").read_text()
     assert built_output(tmp_path) == ("1", run), "a prose-only edit re-executed the page"
 
     write_tiny_book(tmp_path, value=2, prose="Other words, same code.")

@@ -53,4 +53,5 @@ def results_table(floor: dict[str, float] | None = None) -> pd.DataFrame:
     if floor is not None:
         rows.insert(0, {"model": "real training images", "chapter": float("nan")}
                     | {label: floor.get(key, float("nan")) for key, label in COLUMNS.items()})
-    return pd.DataFrame(rows).set_index("model")
+    table = pd.DataFrame(rows).set_index("model")
+    return table.astype({"chapter": "Int64", COLUMNS["n_samples"]: "Int64"})

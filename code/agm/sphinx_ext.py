@@ -57,18 +57,29 @@ def chapter_number(docname: str) -> int | None:
 
 
 def _renumber(app, env) -> list[str]:
-    """Replace the positional chapter number by the one in the file name."""
+    """Replace the positional chapter number by the one in the file name, everywhere Sphinx keeps it:
+    section numbers, figure/equation/theorem numbers, the toctree entries (sidebar) and the title
+    (previous/next links)."""
+    from docutils import nodes
+
+    def fix(number, n):
+        return type(number)([n, *number[1:]]) if number else number
+
     for docname, secnums in env.toc_secnumbers.items():
         n = chapter_number(docname)
         if n is None:
             continue
         for anchor, number in secnums.items():
-            if number:
-                secnums[anchor] = (n, *number[1:])
+            secnums[anchor] = fix(number, n)
         for figs in env.toc_fignumbers.get(docname, {}).values():
             for fig_id, number in figs.items():
                 if len(number) > 1:
-                    figs[fig_id] = (n, *number[1:])
+                    figs[fig_id] = fix(number, n)
+        for ref in env.tocs[docname].findall(nodes.reference):
+            ref["secnumber"] = fix(ref.get("secnumber"), n)
+        title = env.titles.get(docname)
+        if title is not None:
+            title["secnumber"] = fix(title.get("secnumber"), n)
     return []
 
 
