@@ -152,7 +152,7 @@ def cmd_evaluate(args) -> int:
     spec = registry.get(args.name)
     if args.n is not None and not 2 <= args.n <= MAX_SAMPLES:
         raise UsageError(f"--n must be between 2 and {MAX_SAMPLES}, got {args.n}")
-    model, manifest = registry.load_model(spec.name)
+    model, _ = registry.load_model(spec.name)
     set_threads()
     metrics = all_metrics(spec, model, args.n, args.seed)
     if args.json:

@@ -57,9 +57,6 @@ def nll_report(log_probs: torch.Tensor, prefix: str = "test") -> dict[str, float
 # class coverage of the predicted labels. The test set's statistics are computed once per
 # classifier checkpoint and cached in data/cache/ (git-ignored), keyed by its sha256.
 
-NUM_CLASSES = 10
-
-
 def _psd_sqrt(a: np.ndarray) -> np.ndarray:
     """Symmetric square root of a positive semi-definite matrix (tiny negative eigenvalues -> 0)."""
     w, v = np.linalg.eigh((a + a.T) / 2)
