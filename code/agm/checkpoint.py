@@ -35,6 +35,7 @@ class Manifest:
     wall_time_s: float
     hardware: str
     metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)  # diagnostics of the run, e.g. loss per timestep
     sha256: str = ""
     file: str = ""
     torch_version: str = torch.__version__
@@ -109,7 +110,8 @@ def load(name: str, directory: Path | None = None) -> tuple[dict[str, Any], Mani
 
 
 def new_manifest(name: str, config: dict[str, Any], steps: int, wall_time_s: float,
-                 metrics: dict[str, Any], command: str | None = None) -> Manifest:
+                 metrics: dict[str, Any], command: str | None = None,
+                 training: dict[str, Any] | None = None) -> Manifest:
     return Manifest(name=name, config=config, command=command or f"python -m agm train {name}",
                     steps=steps, wall_time_s=round(wall_time_s, 1), hardware=hardware(),
-                    metrics=metrics)
+                    metrics=metrics, training=training or {})

@@ -93,7 +93,7 @@ def _train(spec: registry.ModelSpec, args) -> int:
     command = f"python -m agm train {spec.name}" + (" --smoke" if args.smoke else "")
     if args.seed:
         command += f" --seed {args.seed}"
-    manifest = checkpoint.new_manifest(spec.name, result.config, result.steps, wall, metrics, command)
+    manifest = checkpoint.new_manifest(spec.name, result.config, result.steps, wall, metrics, command, result.extra)
     checkpoint.save(spec.name, registry.state_of(result.model, result.config), manifest, out_dir)
     pt, _ = checkpoint.paths(spec.name, out_dir)
     print(f"wrote {pt} after {result.steps} steps in {wall:.1f} s: {json.dumps(metrics)}")
@@ -117,8 +117,11 @@ def cmd_sample(args, spec: registry.ModelSpec, options: dict) -> int:
             raise UsageError(f"folder {path.parent} does not exist")
     model, _ = registry.load_model(spec.name)
     generator = seed_everything(args.seed)
-    with torch.no_grad():
-        images = spec.sample(model, args.n, generator, labels, **options).clamp(0, 1).float().cpu()
+    try:
+        with torch.no_grad():
+            images = spec.sample(model, args.n, generator, labels, **options).clamp(0, 1).float().cpu()
+    except ValueError as e:  # a sampler option out of range, e.g. --steps 0
+        raise UsageError(str(e)) from e
     out = {"images": images}
     if labels is not None:
         out["labels"] = labels
@@ -141,9 +144,14 @@ def all_metrics(spec: registry.ModelSpec, model, n: int | None = None, seed: int
 
         n = n or budget(10_000, 500)
         labels = torch.arange(n) % spec.num_classes if spec.conditional else None
+        options = spec.metric_sample_options() if spec.metric_sample_options else {}
+        start = time.perf_counter()
         with torch.no_grad():
-            images = spec.sample(model, n, torch.Generator().manual_seed(seed), labels).clamp(0, 1).float().cpu()
+            images = spec.sample(model, n, torch.Generator().manual_seed(seed), labels, **options)
+        images = images.clamp(0, 1).float().cpu()
+        metrics["samples_per_s"] = n / (time.perf_counter() - start)
         metrics |= sample_metrics(images)
+        metrics |= {f"sample_{k}": v for k, v in options.items()}
         metrics["metrics_classifier_sha256"] = classifier()[1]
     return metrics
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ MODEL_MODULES = [
     "agm.foundations.bernoulli",
     "agm.foundations.mixture",
     "agm.foundations.fgan",
+    "agm.diffusion.ddpm",
     "agm.classifier",
 ]
 
@@ -30,6 +31,7 @@ class TrainResult:
     model: nn.Module
     config: dict[str, Any]
     steps: int
+    extra: dict[str, Any] = field(default_factory=dict)  # training diagnostics for the manifest
 
 
 @dataclass
@@ -48,6 +50,8 @@ class ModelSpec:
     num_classes: int = 10
     train_minutes: float = 1.0  # rough time of `train NAME` on 2 CPU cores, for error messages
     add_sample_options: Callable[[argparse.ArgumentParser], None] | None = None
+    # sampler options of the shipped metrics, when they differ from the command line's defaults
+    metric_sample_options: Callable[[], dict[str, Any]] | None = None
 
 
 def unconditional_sample(model: nn.Module, n: int, generator: torch.Generator, labels=None) -> torch.Tensor:

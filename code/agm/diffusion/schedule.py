@@ -37,13 +37,17 @@ def cosine_betas(config: ScheduleConfig) -> torch.Tensor:
 class NoiseSchedule:
     """Forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) and what follows from it."""
 
-    def __init__(self, config: ScheduleConfig | None = None):
+    def __init__(self, config: ScheduleConfig | None = None, betas: torch.Tensor | None = None):
         self.config = config = config or ScheduleConfig()
         if config.kind not in ("linear", "cosine"):
             raise ValueError(f"unknown schedule {config.kind!r}; choose 'linear' or 'cosine'")
         if config.num_timesteps < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {config.num_timesteps}")
-        self.betas = linear_betas(config) if config.kind == "linear" else cosine_betas(config)
+        if betas is None:
+            betas = linear_betas(config) if config.kind == "linear" else cosine_betas(config)
+        elif betas.shape != (config.num_timesteps,) or not ((betas > 0) & (betas < 1)).all():
+            raise ValueError(f"betas must be {config.num_timesteps} values in (0, 1)")
+        self.betas = betas.to(torch.float64)
         # $\alpha_t = 1 - \beta_t$, $\bar\alpha_t = \prod_{s \le t} \alpha_s$
         self.alphas = 1 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)
@@ -54,6 +58,23 @@ class NoiseSchedule:
         #   + \frac{\sqrt{\alpha_t}(1-\bar\alpha_{t-1})}{1-\bar\alpha_t} x_t$
         self.posterior_mean_coef1 = self.alphas_cumprod_prev.sqrt() * self.betas / (1 - self.alphas_cumprod)
         self.posterior_mean_coef2 = self.alphas.sqrt() * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+
+    def respaced(self, steps: int) -> tuple[NoiseSchedule, torch.Tensor]:
+        """A ``steps``-step chain through an evenly spaced subsequence of the timesteps.
+
+        Keeping $\\bar\\alpha$ at the chosen timesteps $\\tau_1 < \\dots < \\tau_S$ and setting
+        $\\beta'_i = 1 - \\bar\\alpha_{\\tau_i} / \\bar\\alpha_{\\tau_{i-1}}$ gives a shorter forward process with
+        the same marginals q(x_tau | x_0), so the network trained on all T steps applies unchanged
+        (Nichol & Dhariwal, 2021, section 4). Returns the new schedule and the original timesteps
+        tau (to feed the network).
+        """
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"steps must lie in 1..{self.num_timesteps}, got {steps}")
+        tau = torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long()
+        kept = self.alphas_cumprod[tau]
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
+        config = ScheduleConfig(**{**vars(self.config), "num_timesteps": steps})
+        return NoiseSchedule(config, betas=1 - kept / prev), tau
 
     @property
     def num_timesteps(self) -> int:
@@ -109,5 +130,5 @@ class NoiseSchedule:
             return mean, pred_original_sample
         # 3. add noise with the chosen variance
         var = beta_tilde.clamp(min=1e-20) if variance == "beta_tilde" else self._at(self.betas, t, xt)
-        noise = torch.randn(xt.shape, generator=generator, dtype=xt.dtype)
+        noise = torch.randn(xt.shape, generator=generator, dtype=xt.dtype).to(xt.device)
         return mean + var.sqrt() * noise, pred_original_sample

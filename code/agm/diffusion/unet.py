@@ -17,7 +17,8 @@ from torch import nn
 
 @dataclass
 class UNetConfig:
-    channels: int = 32  # width at 28x28; 2x at 14x14 and at 7x7
+    channels: int = 32  # base width
+    multipliers: tuple[int, int, int] = (1, 2, 2)  # width = channels * multiplier at 28x28, 14x14, 7x7
     blocks_per_level: int = 2
     groups: int = 8  # GroupNorm groups
     attention: bool = True  # self-attention at 7x7 (an ablation switches it off)
@@ -71,7 +72,9 @@ class UNet(nn.Module):
         super().__init__()
         self.config = cfg = config or UNetConfig()
         c, g, t_dim = cfg.channels, cfg.groups, 4 * cfg.channels
-        widths = [c, 2 * c, 2 * c]  # at 28, 14, 7
+        if len(cfg.multipliers) != 3:
+            raise ValueError(f"multipliers: one per resolution 28, 14, 7; got {cfg.multipliers}")
+        widths = [c * m for m in cfg.multipliers]
         self.t_mlp = nn.Sequential(nn.Linear(c, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         self.label_emb = nn.Embedding(cfg.num_classes, t_dim) if cfg.num_classes > 0 else None
         self.stem = nn.Conv2d(1, c, 3, padding=1)
