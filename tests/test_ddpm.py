@@ -15,12 +15,12 @@ from agm.diffusion.ddpm import (
     DDPMConfig,
     LossPerTimestep,
     bound_terms,
-    nats_to_bits_per_dim,
     sample,
     sample_chain,
     training_loss,
 )
 from agm.diffusion.schedule import NoiseSchedule, ScheduleConfig
+from agm.metrics import nats_to_bits_per_dim
 from agm.train import EMA
 
 

@@ -18,6 +18,7 @@ COLUMNS = {
     "recall": "recall",
     "class_coverage": "class coverage",
     "test_nll_nats": "test NLL (nats)",
+    "bits_per_dim": "test bits/dim (bound)",
     "n_samples": "n",
 }
 

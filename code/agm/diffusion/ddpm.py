@@ -21,6 +21,7 @@ from agm.data import check_images, mnist
 from agm.diffusion import losses
 from agm.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from agm.diffusion.unet import UNet, UNetConfig
+from agm.metrics import nats_to_bits_per_dim
 from agm.registry import ModelSpec, TrainResult, register
 from agm.runtime import budget, device
 from agm.train import EMA, train_loop
@@ -239,19 +240,14 @@ def bound_terms(model: DDPM, images: torch.Tensor, generator: torch.Generator | 
     return {"prior": prior.double(), "diffusion": diffusion, "total": prior.double() + diffusion}
 
 
-def nats_to_bits_per_dim(nats: torch.Tensor | float, dims: int = 784) -> torch.Tensor | float:
-    """Bits per dimension of 8-bit data scaled to [0, 256): nats / (D ln 2).
+def bits_per_dim(model: DDPM, images: torch.Tensor, generator: torch.Generator | None = None,
+                 timesteps_per_image: int | None = 4, batch_size: int = 250) -> dict[str, float]:
+    """The bound in bits/dim averaged over ``images``, with its standard error over images.
 
     The discretized decoder assigns probability to each 8-bit gray level; uniformly dequantized data
     y = (k + u) / 256 then has the density P(k) * 256^D on [0, 1]^D, whose -log2 density per dimension
     on the [0, 256) scale is the same number, so this is also the bound on dequantized images.
     """
-    return nats / (dims * math.log(2))
-
-
-def bits_per_dim(model: DDPM, images: torch.Tensor, generator: torch.Generator | None = None,
-                 timesteps_per_image: int | None = 4, batch_size: int = 250) -> dict[str, float]:
-    """The bound in bits/dim averaged over ``images``, with its standard error over images."""
     totals = torch.cat([bound_terms(model, images[i : i + batch_size], generator, timesteps_per_image)["total"].cpu()
                         for i in range(0, len(images), batch_size)])
     bpd = nats_to_bits_per_dim(totals)

@@ -1,0 +1,144 @@
+"""Variational autoencoders on dynamically binarized MNIST (Kingma & Welling, 2014), Chapters 18–21.
+
+A Gaussian encoder q(z|x) = N(mu(x), diag sigma^2(x)), a Bernoulli decoder p(x|z) with logits from an
+MLP, the prior p(z) = N(0, I). The same network is trained by the ELBO (k = 1), the beta-weighted ELBO
+(Chapter 22) or the importance-weighted bound of Burda et al. (2016) with k samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agm.data import check_images
+
+
+@dataclass
+class VAEConfig:
+    latent_dim: int = 32
+    hidden: tuple[int, ...] = (512, 256)  # encoder widths; the decoder mirrors them
+    k: int = 1  # samples per image in the training bound: 1 = ELBO (VAE), > 1 = IWAE
+    beta: float = 1.0  # weight of the KL term (Chapter 22); 1 = the ELBO
+    epochs: int = 100
+    batch_size: int = 100
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+class VAE(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        if config.latent_dim < 1 or config.k < 1 or config.beta < 0:
+            raise ValueError(f"need latent_dim >= 1, k >= 1 and beta >= 0, got {config}")
+        self.config = config
+        h = list(config.hidden)
+        self.encoder = mlp([784, *h, 2 * config.latent_dim])  # -> (mu, log sigma^2)
+        self.decoder = mlp([config.latent_dim, *reversed(h), 784])  # -> Bernoulli logits
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameters of q(z|x): mean and log-variance, each (B, L)."""
+        check_images(x)
+        mu, logvar = self.encoder(x.flatten(1)).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Bernoulli logits of p(x|z), (..., 1, 28, 28) for z of shape (..., L)."""
+        return self.decoder(z).view(*z.shape[:-1], 1, 28, 28)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, mean: bool = True) -> torch.Tensor:
+        """z ~ N(0, I), then the decoder's pixel probabilities (``mean``) or one Bernoulli draw of them."""
+        z = torch.randn(n, self.config.latent_dim, generator=generator)
+        probs = torch.sigmoid(self.decode(z))
+        return probs if mean else torch.bernoulli(probs, generator=generator)
+
+
+def gaussian_kl_to_standard(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag e^logvar) || N(0, I)) per row, in nats."""
+    # $\mathrm{KL} = \tfrac12 \sum_j \big(\mu_j^2 + \sigma_j^2 - \log\sigma_j^2 - 1\big)$
+    return 0.5 * (mu**2 + logvar.exp() - logvar - 1).sum(-1)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, k: int = 1,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """k draws z = mu + sigma * eps, eps ~ N(0, I): (k, B, L), differentiable in mu and logvar."""
+    eps = torch.randn((k, *mu.shape), generator=generator).to(mu.device)
+    return mu + (0.5 * logvar).exp() * eps
+
+
+def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log p(x|z) summed over pixels; logits (..., B, 1, 28, 28) broadcast against x (B, 1, 28, 28)."""
+    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").flatten(-3).sum(-1)
+
+
+def elbo_terms(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Per image: the reconstruction term E_q[log p(x|z)] (one sample) and the closed-form KL (the rate)."""
+    mu, logvar = model.encode(x)
+    z = reparameterize(mu, logvar, 1, generator)[0]
+    return {"reconstruction": bernoulli_log_likelihood(model.decode(z), x), "kl": gaussian_kl_to_standard(mu, logvar)}
+
+
+def log_importance_weights(model: VAE, x: torch.Tensor, k: int,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """log w_i = log p(x, z_i) - log q(z_i | x) for z_1..z_k ~ q(z|x): (k, B)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    mu, logvar = model.encode(x)
+    z = reparameterize(mu, logvar, k, generator)  # (k, B, L)
+    log_prior = -0.5 * (z**2 + math.log(2 * math.pi)).sum(-1)
+    log_q = -0.5 * ((z - mu) ** 2 / logvar.exp() + logvar + math.log(2 * math.pi)).sum(-1)
+    return bernoulli_log_likelihood(model.decode(z), x) + log_prior - log_q
+
+
+def iwae_bound(model: VAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """L_k = log (1/k) sum_i w_i per image (Burda et al., 2016): L_1 is the ELBO, L_k <= log p(x)."""
+    return log_importance_weights(model, x, k, generator).logsumexp(0) - math.log(k)
+
+
+def loss(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The training loss per image, averaged over the batch: -ELBO_beta for k = 1, -L_k for k > 1."""
+    if model.config.k == 1:
+        terms = elbo_terms(model, x, generator)
+        return -(terms["reconstruction"] - model.config.beta * terms["kl"]).mean()
+    return -iwae_bound(model, x, model.config.k, generator).mean()
+
+
+@torch.no_grad()
+def importance_sampled_log_likelihood(model: VAE, x: torch.Tensor, k: int = 5000, chunk: int = 500,
+                                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """log p(x) ~ L_k per image for large k, accumulated over chunks of samples (memory stays bounded)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    parts = [log_importance_weights(model, x, min(chunk, k - i), generator) for i in range(0, k, chunk)]
+    return torch.cat(parts).logsumexp(0) - math.log(k)
+
+
+def fit(config: VAEConfig, log=print) -> tuple[VAE, list[dict[str, float]]]:
+    """Adam on the 60 000 training images, re-binarized at every use (dynamic binarization)."""
+    from agm.data import dynamic_binarized_batches, mnist
+    from agm.train import train_loop
+
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    x, _ = mnist("trainval")
+    model = VAE(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    steps = config.epochs * math.ceil(len(x) / config.batch_size)
+    history = train_loop(model, lambda m, batch: loss(m, batch, generator),
+                         dynamic_binarized_batches(x, config.batch_size, generator), optimizer, steps,
+                         log_every=500, desc=f"vae k={config.k} beta={config.beta}")
+    log(f"vae: {steps} steps, final loss {history[-1]['loss']:.2f}")
+    return model.eval(), history

@@ -1,0 +1,94 @@
+"""The VAE's pieces against closed forms and Monte Carlo, and the bounds' ordering."""
+
+import math
+
+import pytest
+import torch
+
+from agm.data import binarize, mnist
+from agm.vae.vae import (
+    VAE,
+    VAEConfig,
+    elbo_terms,
+    gaussian_kl_to_standard,
+    importance_sampled_log_likelihood,
+    iwae_bound,
+    loss,
+    reparameterize,
+)
+
+
+def small(**kw) -> VAE:
+    torch.manual_seed(0)
+    return VAE(VAEConfig(latent_dim=4, hidden=(32,), **kw))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, _ = mnist("test")
+    return binarize(x[:16], torch.Generator().manual_seed(0))
+
+
+def test_gaussian_kl_matches_torch_and_monte_carlo(generator):
+    mu, logvar = torch.randn(5, 3, generator=generator), torch.randn(5, 3, generator=generator)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros(3), torch.ones(3))
+    ref = torch.distributions.kl_divergence(q, p).sum(-1)
+    assert torch.allclose(gaussian_kl_to_standard(mu, logvar), ref, atol=1e-5)
+    z = q.sample((200_000,))
+    mc = (q.log_prob(z) - p.log_prob(z)).sum(-1).mean(0)
+    assert torch.allclose(mc, ref, rtol=0.02, atol=0.02)
+
+
+def test_reparameterized_draws_have_the_right_moments_and_gradients(generator):
+    mu = torch.tensor([[1.0, -2.0]], requires_grad=True)
+    logvar = torch.tensor([[0.0, math.log(4.0)]], requires_grad=True)
+    z = reparameterize(mu, logvar, 100_000, generator)
+    assert z.shape == (100_000, 1, 2)
+    assert torch.allclose(z.mean(0), mu.detach(), atol=0.03)
+    assert torch.allclose(z.std(0), torch.tensor([[1.0, 2.0]]), atol=0.03)
+    z.mean().backward()  # d/dmu E[z] = 1 / (number of coordinates)
+    assert torch.allclose(mu.grad, torch.full((1, 2), 0.5))
+
+
+def test_iwae_bound_is_above_the_elbo_and_grows_with_k(digits):
+    model = small().eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        terms = [elbo_terms(model, digits, g) for _ in range(200)]
+        elbo = torch.stack([t["reconstruction"] - t["kl"] for t in terms]).mean()
+        bounds = {k: torch.stack([iwae_bound(model, digits, k, g) for _ in range(50)]).mean().item()
+                  for k in (1, 5, 50)}
+    # L_1 is the ELBO (with the KL in closed form the two estimates share their mean)
+    assert abs(bounds[1] - elbo.item()) < 0.05 * abs(elbo.item())
+    assert bounds[1] < bounds[5] < bounds[50]
+    ll = importance_sampled_log_likelihood(model, digits, k=2000, chunk=300, generator=g).mean().item()
+    assert bounds[50] < ll + 1.0
+
+
+def test_loss_is_minus_the_beta_elbo(digits):
+    model = small(beta=0.0)
+    g = torch.Generator().manual_seed(2)
+    rec = elbo_terms(model, digits, torch.Generator().manual_seed(2))["reconstruction"]
+    assert loss(model, digits, g).item() == pytest.approx(-rec.mean().item(), rel=1e-6)
+
+
+def test_bad_inputs_raise_clear_errors(digits):
+    with pytest.raises(ValueError, match="beta >= 0"):
+        VAE(VAEConfig(beta=-1.0))
+    with pytest.raises(ValueError, match="k >= 1"):
+        VAE(VAEConfig(k=0))
+    model = small()
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        iwae_bound(model, digits, 0)
+    with pytest.raises(ValueError, match=r"\[N, 1, 28, 28\]"):
+        model.encode(torch.zeros(2, 784))
+
+
+def test_sampling_shapes_and_determinism():
+    model = small()
+    a = model.sample(3, torch.Generator().manual_seed(0))
+    b = model.sample(3, torch.Generator().manual_seed(0), mean=False)
+    assert a.shape == b.shape == (3, 1, 28, 28) and 0 <= a.min() and a.max() <= 1
+    assert set(b.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(a, model.sample(3, torch.Generator().manual_seed(0)))
