@@ -34,19 +34,22 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--smoke", action="store_true", help="tiny budget; writes to _build/smoke-checkpoints")
     t.add_argument("--out-dir", type=Path, help="write the checkpoint here instead")
     t.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("sample", help="draw samples from a trained model")
-    s.add_argument("name")
-    s.add_argument("--n", type=int, required=True, help="number of samples")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", type=Path, required=True, help="output .pt: {'images': [N,1,28,28] in [0,1], 'labels'}")
-    s.add_argument("--png", type=Path, help="also write a grid of the samples as PNG")
-    s.add_argument("--label", type=int, help="class to draw (conditional models only)")
+    _add_sample_arguments(sub.add_parser("sample", help="draw samples from a trained model"))
     e = sub.add_parser("evaluate", help="the metrics the book reports for a model")
     e.add_argument("name")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--n", type=int, help="samples for the sample-quality metrics (default 10000; smoke 500)")
     e.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _add_sample_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("name")
+    s.add_argument("--n", type=int, required=True, help="number of samples")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, required=True, help="output .pt: {'images': [N,1,28,28] in [0,1], 'labels'}")
+    s.add_argument("--png", type=Path, help="also write a grid of the samples as PNG")
+    s.add_argument("--label", type=int, help="class to draw (conditional models only)")
 
 
 def cmd_data(args) -> int:
@@ -172,13 +175,17 @@ def cmd_evaluate(args) -> int:
 
 
 def _parse_sample(argv: list[str], parser: argparse.ArgumentParser):
-    """Two passes: the model's name decides which model-specific options exist."""
-    args, rest = parser.parse_known_args(argv)
-    spec = registry.get(args.name)
-    extra = argparse.ArgumentParser(prog=f"python -m agm sample {spec.name}")
+    """The model's name decides which model-specific options exist (and what --help lists)."""
+    if len(argv) < 2 or argv[1].startswith("-"):
+        parser.parse_args(argv)  # prints the usage of `sample` and exits
+    spec = registry.get(argv[1])
+    model_parser = argparse.ArgumentParser(prog="python -m agm sample", description=spec.summary)
+    _add_sample_arguments(model_parser)
     if spec.add_sample_options:
-        spec.add_sample_options(extra)
-    options = vars(extra.parse_args(rest))
+        spec.add_sample_options(model_parser.add_argument_group(f"options of {spec.name}"))
+    args = model_parser.parse_args(argv[1:])
+    common = {"name", "n", "seed", "out", "png", "label"}
+    options = {k: v for k, v in vars(args).items() if k not in common}
     return args, spec, options
 
 

@@ -20,6 +20,7 @@ COLUMNS = {
     "test_nll_nats": "test NLL (nats)",
     "bits_per_dim": "test bits/dim (bound)",
     "n_samples": "n",
+    "sample_steps": "sampling steps",
 }
 
 
@@ -55,4 +56,4 @@ def results_table(floor: dict[str, float] | None = None) -> pd.DataFrame:
         rows.insert(0, {"model": "real training images", "chapter": float("nan")}
                     | {label: floor.get(key, float("nan")) for key, label in COLUMNS.items()})
     table = pd.DataFrame(rows).set_index("model")
-    return table.astype({"chapter": "Int64", COLUMNS["n_samples"]: "Int64"})
+    return table.astype({"chapter": "Int64", COLUMNS["n_samples"]: "Int64", COLUMNS["sample_steps"]: "Int64"})
