@@ -25,11 +25,15 @@ def _sum_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 def prior_term(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
-    """L_T = KL(q(x_T | x_0) || N(0, I)) per image; no parameters, close to zero for a good schedule."""
+    """L_T = KL(q(x_T | x_0) || N(0, I)) per image; no parameters, close to zero for a good schedule.
+
+    Computed in float64: 1 - alpha_bar_T is within float32 rounding of 1 for the cosine schedule.
+    """
+    x = x0.double()
     t = torch.full((len(x0),), schedule.num_timesteps - 1)
-    a = schedule._at(schedule.alphas_cumprod, t, x0)
-    return _sum_pixels(gaussian_kl(a.sqrt() * x0, (1 - a).log().expand_as(x0), torch.zeros_like(x0),
-                                   torch.zeros_like(x0)))
+    a = schedule._at(schedule.alphas_cumprod, t, x)
+    kl = gaussian_kl(a.sqrt() * x, (1 - a).log().expand_as(x), torch.zeros_like(x), torch.zeros_like(x))
+    return _sum_pixels(kl).to(x0.dtype)
 
 
 def _standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
