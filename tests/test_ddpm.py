@@ -162,6 +162,18 @@ def test_monte_carlo_bound_is_unbiased_for_the_exact_sum():
     assert (mc.std(0) > exact.std(0)).all()  # the price of one network call instead of T
 
 
+def test_exact_small_timesteps_keep_the_estimate_unbiased():
+    model = tiny(num_timesteps=4)
+    images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    exact = torch.stack([bound_terms(model, images, torch.Generator().manual_seed(s))["total"] for s in range(30)])
+    mixed = torch.stack([bound_terms(model, images, torch.Generator().manual_seed(500 + s), timesteps_per_image=1,
+                                     exact_below=2)["total"] for s in range(120)])
+    se = (exact.var(0) / len(exact) + mixed.var(0) / len(mixed)).sqrt()
+    assert ((exact.mean(0) - mixed.mean(0)).abs() < 4 * se).all()
+    with pytest.raises(ValueError, match="exact_below"):
+        bound_terms(model, images, timesteps_per_image=1, exact_below=4)
+
+
 def test_bound_terms_match_the_ELBO_terms_at_every_t():
     model = tiny(num_timesteps=6)
     images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
