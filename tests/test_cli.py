@@ -107,3 +107,17 @@ def test_train_seed_reaches_the_model_and_the_manifest(tmp_path):
     assert main(["train", "bernoulli-mixture", "--smoke", "--seed", "1", "--out-dir", str(tmp_path)]) == 0
     manifest = checkpoint.read_manifest("bernoulli-mixture", tmp_path)
     assert manifest.config["seed"] == 1 and manifest.command.endswith("--smoke --seed 1")
+
+
+def test_evaluate_full_stores_its_metrics_in_the_manifest(trained, monkeypatch, capsys):
+    from agm import registry
+
+    spec = registry.get("bernoulli-mixture")
+    monkeypatch.setattr(spec, "evaluate_full", lambda model: {"full_probe": 1.5})
+    before = checkpoint.read_manifest("bernoulli-mixture")
+    assert main(["evaluate", "bernoulli-mixture", "--full"]) == 0
+    after = checkpoint.read_manifest("bernoulli-mixture")
+    assert after.metrics == before.metrics | {"full_probe": 1.5} and after.sha256 == before.sha256
+    assert checkpoint.status("bernoulli-mixture") == "verified"
+    assert main(["evaluate", "bernoulli", "--full"]) == 2
+    assert "no --full evaluation" in capsys.readouterr().err

@@ -115,3 +115,16 @@ def new_manifest(name: str, config: dict[str, Any], steps: int, wall_time_s: flo
     return Manifest(name=name, config=config, command=command or f"python -m agm train {name}",
                     steps=steps, wall_time_s=round(wall_time_s, 1), hardware=hardware(),
                     metrics=metrics, training=training or {})
+
+
+def update_metrics(name: str, metrics: dict[str, Any], directory: Path | None = None) -> Manifest:
+    """Merge ``metrics`` into the manifest of a verified checkpoint; the weights are not touched."""
+    if status(name, directory) != "verified":
+        raise CheckpointError(f"checkpoint {name!r} is missing or corrupt; {rebuild_hint(name)}")
+    manifest = read_manifest(name, directory)
+    manifest.metrics.update(metrics)
+    _, js = paths(name, directory)
+    tmp = js.with_suffix(".json.part")
+    tmp.write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, js)
+    return manifest

@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--n", type=int, help="samples for the sample-quality metrics (default 10000; smoke 500)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--full", action="store_true",
+                   help="the model's expensive evaluation (e.g. the full-test-set NLL), stored in its manifest")
     return p
 
 
@@ -166,7 +168,14 @@ def cmd_evaluate(args) -> int:
         raise UsageError(f"--n must be between 2 and {MAX_SAMPLES}, got {args.n}")
     model, _ = registry.load_model(spec.name)
     set_threads()
-    metrics = all_metrics(spec, model, args.n, args.seed)
+    if args.full:
+        if spec.evaluate_full is None:
+            raise UsageError(f"{spec.name} has no --full evaluation")
+        metrics = spec.evaluate_full(model)
+        checkpoint.update_metrics(spec.name, metrics)
+        print(f"stored in the manifest of {spec.name}:")
+    else:
+        metrics = all_metrics(spec, model, args.n, args.seed)
     if args.json:
         print(json.dumps(metrics, indent=2, sort_keys=True))
     else:

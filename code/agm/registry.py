@@ -52,6 +52,8 @@ class ModelSpec:
     add_sample_options: Callable[[argparse.ArgumentParser], None] | None = None
     # sampler options of the shipped metrics, when they differ from the command line's defaults
     metric_sample_options: Callable[[], dict[str, Any]] | None = None
+    # an expensive evaluation run once by `evaluate NAME --full`, stored in the manifest
+    evaluate_full: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 def unconditional_sample(model: nn.Module, n: int, generator: torch.Generator, labels=None) -> torch.Tensor:

@@ -30,3 +30,25 @@ def show_grid(images: torch.Tensor, nrow: int = 8, ax=None, title: str | None = 
 def save_grid(images: torch.Tensor, path: Path | str, nrow: int = 8) -> None:
     """Write a PNG grid at the images' native resolution."""
     save_image(images.detach().cpu().float(), str(path), nrow=nrow, padding=2, pad_value=1.0)
+
+
+# Font Awesome icons of matplotlib's animation controls, replaced by plain characters so that the
+# page loads nothing from another host (matplotlib links the icon font from a CDN).
+_ICONS = {
+    "fa fa-minus": "−", "fa fa-fast-backward": "⏮", "fa fa-step-backward": "⏴",
+    "fa fa-play fa-flip-horizontal": "◀", "fa fa-pause": "⏸", "fa fa-play": "▶",
+    "fa fa-step-forward": "⏵", "fa fa-fast-forward": "⏭", "fa fa-plus": "+",
+}
+
+
+def animation_html(anim, default_mode: str = "once") -> str:
+    """A matplotlib animation as self-contained HTML: frames embedded, controls without web fonts."""
+    import re
+
+    html = anim.to_jshtml(default_mode=default_mode)
+    html = re.sub(r"<link[^>]*font-awesome[^>]*>", "", html)
+    for cls, char in _ICONS.items():
+        html = html.replace(f'<i class="{cls}"></i>', char)
+    if "<link" in html or "fa fa-" in html:
+        raise RuntimeError("unexpected external asset or icon left in the animation HTML")
+    return html

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agm.data import check_images
+from agm.registry import TrainResult
 
 
 @dataclass
@@ -142,3 +143,51 @@ def fit(config: VAEConfig, log=print) -> tuple[VAE, list[dict[str, float]]]:
                          log_every=500, desc=f"vae k={config.k} beta={config.beta}")
     log(f"vae: {steps} steps, final loss {history[-1]['loss']:.2f}")
     return model.eval(), history
+
+
+# -- the registered models ---------------------------------------------------------------------------
+
+NLL_K = 5000  # importance samples of the book's test NLL (Burda et al. report k = 5000)
+
+
+def test_nll(model: VAE, n: int | None = None, k: int = NLL_K, seed: int = 0) -> dict[str, float]:
+    """-log p(x) by importance sampling with k samples on the first n images of the binarized test set."""
+    from agm.data import binarized_test_set
+    from agm.metrics import nll_report
+
+    x, _ = binarized_test_set()
+    x = x[:n] if n else x
+    generator = torch.Generator().manual_seed(seed)
+    log_px = torch.cat([importance_sampled_log_likelihood(model, x[i : i + 100], k, generator=generator)
+                        for i in range(0, len(x), 100)])
+    return nll_report(log_px) | {"test_nll_k": k, "test_nll_n": len(x)}
+
+
+def build(config: dict) -> VAE:
+    return VAE(VAEConfig(**{**config, "hidden": tuple(config["hidden"])}))
+
+
+def trainer(k: int):
+    def train(seed: int = 0) -> TrainResult:
+        from dataclasses import asdict
+
+        from agm.runtime import budget
+
+        config = VAEConfig(k=k, epochs=budget(VAEConfig.epochs, 1), seed=seed)
+        model, history = fit(config)
+        steps = history[-1]["step"]
+        return TrainResult(model, asdict(config), steps=steps, extra={"history": history})
+
+    return train
+
+
+def evaluate(model: VAE) -> dict[str, float]:
+    """The quick estimate stored by `train`: a subset of the test set, fewer importance samples."""
+    from agm.runtime import budget
+
+    return test_nll(model, n=budget(1000, 20), k=budget(1000, 10))
+
+
+def evaluate_full(model: VAE) -> dict[str, float]:
+    """`evaluate NAME --full`: all 10 000 test images, k = 5000."""
+    return {f"full_{key}": value for key, value in test_nll(model).items()}
