@@ -21,6 +21,9 @@ MODEL_MODULES = [
     "agm.foundations.bernoulli",
     "agm.foundations.mixture",
     "agm.foundations.fgan",
+    "agm.vae.vae",
+    "agm.vae.beta_vae",
+    "agm.vae.vqvae",
     "agm.diffusion.ddpm",
     "agm.classifier",
 ]

@@ -1,10 +1,11 @@
-"""A mixture of independent-pixel Bernoullis, fitted by EM (Chapters 1, 15 and 16).
+"""A mixture of independent-pixel Bernoullis, fitted by (MAP-)EM (Chapters 1, 15 and 16).
 
 p(x) = sum_k pi_k prod_d mu_kd^x_d (1 - mu_kd)^(1 - x_d).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -63,12 +64,30 @@ def e_step(model: BernoulliMixture, x: torch.Tensor) -> tuple[torch.Tensor, floa
 
 def m_step(x: torch.Tensor, resp: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """New (log pi, mu) maximizing the expected complete-data log-likelihood (+ Beta prior)."""
+    if resp.ndim != 2 or resp.shape[0] != len(x):
+        raise ValueError(f"resp must have shape [N, K] with N = {len(x)} images, got {list(resp.shape)}")
     n_k = resp.sum(0)  # (K,)
     # $\pi_k = N_k / N$
     log_weights = (n_k / len(x)).clamp_min(1e-12).log()
     # $\mu_k = (\sum_n r_{nk} x_n + \alpha) / (N_k + 2\alpha)$
     probs = (resp.T @ x.flatten(1) + alpha) / (n_k[:, None] + 2 * alpha)
     return log_weights, probs.view(-1, 1, 28, 28)
+
+
+def log_prior(model: BernoulliMixture) -> float:
+    """log p(pi, mu): a flat Dirichlet on pi and an independent Beta(alpha + 1, alpha + 1) on every mu_kd.
+
+    EM with ``alpha > 0`` is MAP-EM: it never decreases log-likelihood + this log-prior.
+    """
+    alpha = model.config.alpha
+    k = model.config.components
+    mu = model.probs.flatten(1).double().clamp(1e-6, 1 - 1e-6)  # (K, D), as in joint_log_probs
+    # $\log B(a, b) = \log\Gamma(a) + \log\Gamma(b) - \log\Gamma(a + b)$ with $a = b = \alpha + 1$
+    log_beta_fn = 2 * math.lgamma(alpha + 1) - math.lgamma(2 * alpha + 2)
+    # $\sum_{k,d} \big[\alpha \log\mu_{kd} + \alpha\log(1 - \mu_{kd}) - \log B(\alpha+1, \alpha+1)\big]$
+    log_beta = (alpha * (mu.log() + (1 - mu).log())).sum().item() - mu.numel() * log_beta_fn
+    # $\log \mathrm{Dir}(\pi; 1, \dots, 1) = \log\Gamma(K)$
+    return log_beta + math.lgamma(k)
 
 
 def initialize(model: BernoulliMixture, x: torch.Tensor, generator: torch.Generator) -> None:
@@ -79,13 +98,15 @@ def initialize(model: BernoulliMixture, x: torch.Tensor, generator: torch.Genera
 
 def fit_em(
     model: BernoulliMixture, x: torch.Tensor, iterations: int, dynamic: bool = True,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, log_posterior: bool = False,
 ) -> list[float]:
     """EM on images ``x`` in [0, 1]; returns the mean log-likelihood before each M-step.
 
     With ``dynamic=True`` every iteration draws a fresh binarization of ``x`` (one epoch of dynamic
     binarization), so the log-likelihood is measured on a slightly different sample each time.
-    With ``dynamic=False``, ``x`` is used as given and the log-likelihood never decreases.
+    With ``dynamic=False``, ``x`` is used as given; then the quantity EM never decreases is the mean
+    log-likelihood for ``alpha = 0`` and, for ``alpha > 0``, the mean log-likelihood plus
+    ``log_prior(model) / N``, which ``log_posterior=True`` records instead.
     """
     generator = generator or torch.Generator().manual_seed(model.config.seed)
     initialize(model, x, generator)
@@ -93,7 +114,7 @@ def fit_em(
     for _ in range(iterations):
         xb = binarize(x, generator) if dynamic else x
         resp, log_lik = e_step(model, xb)
-        history.append(log_lik)
+        history.append(log_lik + (log_prior(model) / len(xb) if log_posterior else 0.0))
         model.log_weights, model.probs = m_step(xb, resp, model.config.alpha)
     return history
 

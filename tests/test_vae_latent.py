@@ -1,0 +1,56 @@
+"""Quadrature on a latent grid against importance sampling and Bayes' rule (Chapter 21)."""
+
+import math
+
+import pytest
+import torch
+
+from agm.data import binarize, mnist
+from agm.vae.latent import grid_log_joint, grid_log_marginal, grid_posterior, latent_grid
+from agm.vae.vae import VAE, VAEConfig, bernoulli_log_likelihood, importance_sampled_log_likelihood
+
+
+@pytest.fixture(scope="module")
+def model_and_digits():
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=2, hidden=(32,))).eval()
+    x, _ = mnist("test")
+    return model, binarize(x[:4], torch.Generator().manual_seed(0))
+
+
+def test_quadrature_matches_importance_sampling(model_and_digits):
+    model, x = model_and_digits
+    z, area = latent_grid(limit=6.0, size=241)
+    exact = grid_log_marginal(grid_log_joint(model, x, z), area)
+    sampled = importance_sampled_log_likelihood(model, x, k=20_000, chunk=5000,
+                                                generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(exact, sampled, atol=0.05)
+
+
+def test_quadrature_of_the_prior_alone_is_one():
+    z, area = latent_grid(limit=6.0, size=121)
+    log_prior = -0.5 * (z**2).sum(-1) - math.log(2 * math.pi)
+    assert grid_log_marginal(log_prior[None], area).exp().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_posterior_is_bayes_rule_and_a_mask_drops_pixels(model_and_digits):
+    model, x = model_and_digits
+    z, _ = latent_grid(limit=3.0, size=31)
+    log_joint = grid_log_joint(model, x, z)
+    post = grid_posterior(log_joint)
+    assert torch.allclose(post.sum(-1), torch.ones(len(x), dtype=torch.float64))
+    g = 17
+    with torch.no_grad():
+        logits = model.decode(z[g].expand(len(x), 2))
+        direct = bernoulli_log_likelihood(logits, x) - 0.5 * (z[g] ** 2).sum() - math.log(2 * math.pi)
+    assert torch.allclose(log_joint[:, g], direct, atol=1e-4)
+    nothing_seen = grid_log_joint(model, x, z, mask=torch.zeros(1, 1, 28, 28))
+    assert torch.allclose(grid_posterior(nothing_seen), grid_posterior(nothing_seen[:1]).expand_as(post))
+
+
+def test_bad_inputs_raise(model_and_digits):
+    model, x = model_and_digits
+    with pytest.raises(ValueError, match="size >= 2"):
+        latent_grid(size=1)
+    with pytest.raises(ValueError, match="coordinates"):
+        grid_log_joint(model, x, torch.zeros(5, 3))
