@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from agm.data import binarize, mnist
-from agm.vae.latent import grid_log_joint, grid_log_marginal, grid_posterior, latent_grid
+from agm.vae.latent import (
+    box_grid,
+    grid_log_joint,
+    grid_log_marginal,
+    grid_posterior,
+    latent_grid,
+    refined_log_marginal,
+)
 from agm.vae.vae import VAE, VAEConfig, bernoulli_log_likelihood, importance_sampled_log_likelihood
 
 
@@ -46,6 +53,33 @@ def test_posterior_is_bayes_rule_and_a_mask_drops_pixels(model_and_digits):
     assert torch.allclose(log_joint[:, g], direct, atol=1e-4)
     nothing_seen = grid_log_joint(model, x, z, mask=torch.zeros(1, 1, 28, 28))
     assert torch.allclose(grid_posterior(nothing_seen), grid_posterior(nothing_seen[:1]).expand_as(post))
+
+
+def test_refined_grid_resolves_a_narrow_posterior(model_and_digits):
+    model, x = model_and_digits
+    sharp = VAE(model.config).eval()
+    sharp.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in sharp.decoder.parameters():
+            p.mul_(4.0)  # a far more confident decoder: posteriors narrower than the first grid's spacing
+    x = x[:2]
+    z, area = latent_grid(limit=3.0, size=25)
+    log_joint = grid_log_joint(sharp, x, z)
+    refined, grids = refined_log_marginal(sharp, x, z, log_joint, size=101)
+    brute_z, brute_area = latent_grid(limit=3.0, size=481)
+    brute = grid_log_marginal(grid_log_joint(sharp, x, brute_z), brute_area)
+    coarse = grid_log_marginal(log_joint, area)
+    assert torch.allclose(refined, brute, atol=1e-2)
+    assert (coarse - brute).abs().max() > 0.1  # the first grid alone was not enough
+    assert all(g[0].shape == (101 * 101, 2) for g in grids)
+
+
+def test_box_grid_area_and_bounds():
+    z, area = box_grid((-1.0, 0.0), (1.0, 4.0), 5)
+    assert area == pytest.approx(0.5 * 1.0)
+    assert z.min(0).values.tolist() == [-1.0, 0.0] and z.max(0).values.tolist() == [1.0, 4.0]
+    with pytest.raises(ValueError, match="hi > lo"):
+        box_grid((0.0, 0.0), (0.0, 1.0), 5)
 
 
 def test_bad_inputs_raise(model_and_digits):

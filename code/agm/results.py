@@ -42,6 +42,8 @@ def model_rows(classifier_sha256: str) -> list[dict]:
             )
         row = {"model": name, "chapter": spec.chapter}
         row |= {label: m.metrics.get(key, float("nan")) for key, label in COLUMNS.items()}
+        if "full_test_nll_nats" in m.metrics:  # `evaluate NAME --full`: the whole test set, more samples
+            row[COLUMNS["test_nll_nats"]] = m.metrics["full_test_nll_nats"]
         row["training time (min)"] = m.wall_time_s / 60
         rows.append(row)
     return rows
