@@ -140,3 +140,11 @@ def test_train_smoke_and_sample(smoke_dir, tmp_path, monkeypatch):
     assert images.shape == (16, 1, 28, 28) and 0 < images.mean() < 1
     assert main(["sample", "vae", "--n", "16", "--seed", "0", "--binary", "--out", str(out)]) == 0
     assert set(torch.load(out, weights_only=True)["images"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_train_iwae_smoke_trains_on_the_k_sample_bound(tmp_path):
+    from agm.vae.vae import IWAE_K
+
+    assert main(["train", "iwae", "--smoke", "--out-dir", str(tmp_path)]) == 0
+    manifest = checkpoint.read_manifest("iwae", tmp_path)
+    assert manifest.config["k"] == IWAE_K > 1 and manifest.metrics["test_nll_nats"] > 0
