@@ -10,6 +10,7 @@ from agm.vae.latent import (
     box_grid,
     grid_log_joint,
     grid_log_marginal,
+    grid_moments,
     grid_posterior,
     latent_grid,
     refined_log_marginal,
@@ -72,6 +73,14 @@ def test_refined_grid_resolves_a_narrow_posterior(model_and_digits):
     assert torch.allclose(refined, brute, atol=1e-2)
     assert (coarse - brute).abs().max() > 0.1  # the first grid alone was not enough
     assert all(g[0].shape == (101 * 101, 2) for g in grids)
+
+
+def test_grid_moments_of_a_gaussian_on_the_grid():
+    z, _ = latent_grid(limit=8.0, size=321)
+    shift, scale = torch.tensor([0.5, -1.0]), torch.tensor([0.3, 1.5])
+    log_density = (-0.5 * ((z - shift) / scale) ** 2).sum(-1)
+    mean, sd = grid_moments(grid_posterior(log_density[None])[0], z)
+    assert torch.allclose(mean, shift.double(), atol=1e-6) and torch.allclose(sd, scale.double(), atol=1e-4)
 
 
 def test_box_grid_area_and_bounds():

@@ -91,3 +91,10 @@ def grid_posterior(log_joint: torch.Tensor) -> torch.Tensor:
     """p(z_g | x) normalized over the grid points, in double precision: (B, G), each row sums to one."""
     log_joint = log_joint.double()
     return (log_joint - log_joint.logsumexp(-1, keepdim=True)).exp()
+
+
+def grid_moments(posterior: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and per-coordinate standard deviation of one posterior (G,) on grid points z (G, 2), in double precision."""
+    z = z.double()
+    mean = (posterior[:, None] * z).sum(0)
+    return mean, (posterior[:, None] * (z - mean) ** 2).sum(0).sqrt()
