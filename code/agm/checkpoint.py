@@ -36,6 +36,7 @@ class Manifest:
     hardware: str
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)  # diagnostics of the run, e.g. loss per timestep
+    requires: dict[str, str] = field(default_factory=dict)  # parent checkpoint -> its sha256 when this one was made
     sha256: str = ""
     file: str = ""
     torch_version: str = torch.__version__
@@ -50,6 +51,41 @@ def paths(name: str, directory: Path | None = None) -> tuple[Path, Path]:
 
 def rebuild_hint(name: str) -> str:
     return f"rebuild it with `python -m agm train {name}`"
+
+
+def resolve_dir(name: str, directory: Path | None = None) -> Path:
+    """Where ``name`` is read from: ``directory`` if it holds a manifest of that name, else the shipped folder.
+
+    A model trained into another folder (a smoke run, ``--out-dir``) finds its parents beside it
+    first, then among the shipped checkpoints.
+    """
+    if directory is not None and paths(name, directory)[1].is_file():
+        return Path(directory)
+    return Path(checkpoint_dir())
+
+
+def stale_requirements(pins: dict[str, str], directory: Path | None = None) -> list[str]:
+    """The pinned parents whose checkpoint is missing or no longer has the pinned sha256, one line each."""
+    problems = []
+    for parent, pinned in sorted(pins.items()):
+        where = resolve_dir(parent, directory)
+        state = status(parent, where)
+        if state != "verified":
+            problems.append(f"{parent} is {state}")
+            continue
+        current = read_manifest(parent, where).sha256
+        if current != pinned:
+            problems.append(f"{parent} has changed (pinned sha256 {pinned[:12]}…, now {current[:12]}…)")
+    return problems
+
+
+def check_requirements(name: str, manifest: Manifest, directory: Path | None = None) -> None:
+    """Refuse a checkpoint whose parents are missing or changed, naming the commands that rebuild both."""
+    problems = stale_requirements(manifest.requires, directory)
+    if problems:
+        commands = " && ".join(f"python -m agm train {n}" for n in [*sorted(manifest.requires), name])
+        raise CheckpointError(f"{name} was trained on other parents: {'; '.join(problems)}; "
+                              f"rebuild them in order with `{commands}`")
 
 
 def save(name: str, state: dict[str, Any], manifest: Manifest, directory: Path | None = None) -> Manifest:
@@ -105,16 +141,17 @@ def load(name: str, directory: Path | None = None) -> tuple[dict[str, Any], Mani
             f"checkpoint {pt} is corrupt or was modified: sha256 {digest[:12]}… != manifest "
             f"{m.sha256[:12]}…; {rebuild_hint(name)}"
         )
+    check_requirements(name, m, directory)
     state = torch.load(pt, map_location="cpu", weights_only=True)
     return state, m
 
 
 def new_manifest(name: str, config: dict[str, Any], steps: int, wall_time_s: float,
                  metrics: dict[str, Any], command: str | None = None,
-                 training: dict[str, Any] | None = None) -> Manifest:
+                 training: dict[str, Any] | None = None, requires: dict[str, str] | None = None) -> Manifest:
     return Manifest(name=name, config=config, command=command or f"python -m agm train {name}",
                     steps=steps, wall_time_s=round(wall_time_s, 1), hardware=hardware(),
-                    metrics=metrics, training=training or {})
+                    metrics=metrics, training=training or {}, requires=requires or {})
 
 
 def update_metrics(name: str, metrics: dict[str, Any], directory: Path | None = None) -> Manifest:

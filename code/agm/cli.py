@@ -61,15 +61,19 @@ def cmd_data(args) -> int:
 
 
 def cmd_list(args) -> int:
-    print(f"{'model':<22} {'ch':>3}  {'checkpoint':<10} metrics")
+    print(f"{'model':<22} {'ch':>3}  {'checkpoint':<10} {'requires':<16} metrics")
     for name, spec in registry.all_specs().items():
         state = checkpoint.status(name)
         metrics = ""
         if state == "verified":
-            m = checkpoint.read_manifest(name).metrics
+            manifest = checkpoint.read_manifest(name)
+            if checkpoint.stale_requirements(manifest.requires):
+                state = "stale"
+            m = manifest.metrics
             shown = [k for k in LIST_METRICS if k in m]
             metrics = ", ".join(f"{k}={m[k]:.4g}" for k in shown)
-        print(f"{name:<22} {spec.chapter:>3}  {state:<10} {metrics}")
+        requires = ",".join(spec.requires) or "-"
+        print(f"{name:<22} {spec.chapter:>3}  {state:<10} {requires:<16} {metrics}")
     return 0
 
 
@@ -91,22 +95,37 @@ def _train(spec: registry.ModelSpec, args) -> int:
     out_dir = args.out_dir or (SMOKE_CHECKPOINTS if args.smoke else None)
     set_threads()
     seed_everything(args.seed)
+    for path in (out_dir,):
+        if path is not None and not _writable_folder(path):
+            raise UsageError(f"cannot write checkpoints to {path}: it is not a folder that can be created and written")
+    parents, pins = registry.load_parents(spec, out_dir)
     print(f"training {spec.name} (chapter {spec.chapter}){' [smoke]' if args.smoke else ''} ...")
     start = time.perf_counter()
-    result = spec.train(args.seed)
+    result = spec.train(args.seed, parents)
     wall = time.perf_counter() - start
     metrics = all_metrics(spec, result.model.eval(), seed=args.seed)
     command = f"python -m agm train {spec.name}" + (" --smoke" if args.smoke else "")
     if args.seed:
         command += f" --seed {args.seed}"
-    manifest = checkpoint.new_manifest(spec.name, result.config, result.steps, wall, metrics, command, result.extra)
+    manifest = checkpoint.new_manifest(spec.name, result.config, result.steps, wall, metrics, command, result.extra,
+                                       requires=pins)
     checkpoint.save(spec.name, registry.state_of(result.model, result.config), manifest, out_dir)
     pt, _ = checkpoint.paths(spec.name, out_dir)
     print(f"wrote {pt} after {result.steps} steps in {wall:.1f} s: {json.dumps(metrics)}")
     return 0
 
 
+def _writable_folder(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return path.is_dir() and os.access(path, os.W_OK)
+
+
 def cmd_sample(args, spec: registry.ModelSpec, options: dict) -> int:
+    if not spec.generative:
+        raise UsageError(f"{spec.name} does not generate images; it has nothing to sample")
     if not 1 <= args.n <= MAX_SAMPLES:
         raise UsageError(f"--n must be between 1 and {MAX_SAMPLES}, got {args.n}")
     labels = None

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
+from typing import Any
 from functools import lru_cache
 from pathlib import Path
 
@@ -286,17 +287,52 @@ def dequantize(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return (k + u) / 256
 
 
-def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def minibatches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = False) -> Iterator[torch.Tensor]:
     """Index batches over one epoch of ``n`` examples in a fresh random order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = torch.randperm(n, generator=generator)
     for i in range(0, n, batch_size):
+        if drop_last and i + batch_size > n:
+            return
         yield order[i : i + batch_size]
 
 
-def dynamic_binarized_batches(
-    x: torch.Tensor, batch_size: int, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """Endless batches of ``x`` with a fresh Bernoulli draw every time an image is used."""
-    while True:
-        for idx in minibatches(len(x), batch_size, generator):
-            yield binarize(x[idx], generator)
+Transform = Callable[[torch.Tensor, "torch.Generator | None"], Any]
+
+
+def to_device(batch: Any, dev: torch.device | str | None) -> Any:
+    """Move a tensor, or the tensors of a tuple, to ``dev`` (None leaves them where they are)."""
+    if dev is None:
+        return batch
+    if isinstance(batch, tuple):
+        return tuple(to_device(b, dev) for b in batch)
+    return batch.to(dev)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor | None = None, *, batch_size: int, generator: torch.Generator,
+            transform: Transform | None = None, device: torch.device | str | None = None,
+            drop_last: bool = False, epochs: int | None = None) -> Iterator[Any]:
+    """The one batch iterator of the book: shuffled minibatches of ``x`` (and labels ``y``).
+
+    Each epoch draws a fresh order from ``generator``; ``transform(images, generator)`` runs on every
+    batch as it is drawn (dynamic binarization, [-1, 1] scaling, random shifts), so a random transform
+    is redrawn every time an image is used. Yields the transformed images, or ``(images, labels)``
+    when ``y`` is given, on ``device``. Endless unless ``epochs`` is given; ``drop_last`` skips the
+    short batch at the end of each epoch.
+    """
+    if y is not None and len(y) != len(x):
+        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+    if drop_last and batch_size > len(x):
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(x)} examples and drop_last is set")
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        for idx in minibatches(len(x), batch_size, generator, drop_last):
+            images = x[idx] if transform is None else transform(x[idx], generator)
+            yield to_device(images if y is None else (images, y[idx]), device)
+        epoch += 1
+
+
+def to_symmetric(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[0, 1] images -> [-1, 1], the data space of the diffusion models."""
+    return 2 * x - 1

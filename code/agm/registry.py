@@ -45,11 +45,15 @@ class ModelSpec:
     chapter: int
     summary: str
     build: Callable[[dict[str, Any]], nn.Module]  # config -> untrained model
-    train: Callable[[int], TrainResult]  # (seed) -> trained model, under the runtime's full or smoke budgets
-    sample: Callable[..., torch.Tensor]  # (model, n, generator, labels, **options) -> [n, 1, 28, 28]
+    # (seed, parents) -> trained model, under the runtime's full or smoke budgets; parents maps each
+    # name in ``requires`` to its loaded, verified model
+    train: Callable[[int, dict[str, nn.Module]], TrainResult]
     evaluate: Callable[[nn.Module], dict[str, float]]  # the metrics the book reports
+    # (model, n, generator, labels, **options) -> [n, 1, 28, 28] in [0, 1]; None for models that do
+    # not generate images (the metrics' classifier, a reward model)
+    sample: Callable[..., torch.Tensor] | None = None
+    requires: tuple[str, ...] = ()  # checkpoints this model is built on; their sha256 is pinned in its manifest
     conditional: bool = False
-    generative: bool = True  # False for helpers such as the metrics' classifier
     num_classes: int = 10
     train_minutes: float = 1.0  # rough time of `train NAME` on 2 CPU cores, for error messages
     add_sample_options: Callable[[argparse.ArgumentParser], None] | None = None
@@ -58,10 +62,22 @@ class ModelSpec:
     # an expensive evaluation run once by `evaluate NAME --full`, stored in the manifest
     evaluate_full: Callable[[nn.Module], dict[str, float]] | None = None
 
+    @property
+    def generative(self) -> bool:
+        """Whether the model draws images (and so is measured by the metrics kit)."""
+        return self.sample is not None
+
 
 def unconditional_sample(model: nn.Module, n: int, generator: torch.Generator, labels=None) -> torch.Tensor:
     """``spec.sample`` for a model with a ``sample(n, generator)`` method and no labels."""
+    refuse_labels(labels)
     return model.sample(n, generator)
+
+
+def refuse_labels(labels: torch.Tensor | None) -> None:
+    """An unconditional model given labels says so instead of ignoring them."""
+    if labels is not None:
+        raise ValueError("this model is not class-conditional: it cannot draw given labels")
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -70,6 +86,8 @@ _REGISTRY: dict[str, ModelSpec] = {}
 def register(spec: ModelSpec) -> ModelSpec:
     if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
         raise ValueError(f"model name {spec.name!r} is registered twice")
+    if spec.name in spec.requires:
+        raise ValueError(f"model {spec.name!r} cannot require itself")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -92,9 +110,30 @@ def state_of(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_model(name: str, directory=None) -> tuple[nn.Module, checkpoint.Manifest]:
-    """Build the model from its checkpoint's config and load the verified weights."""
+    """Build the model from its checkpoint's config and load the verified weights.
+
+    The checkpoint is read from ``directory`` when it holds one, else from the shipped folder; a
+    model whose pinned parents are missing or changed is refused (:func:`checkpoint.check_requirements`).
+    """
     spec = get(name)
-    state, manifest = checkpoint.load(name, directory)
+    where = checkpoint.resolve_dir(name, directory)
+    state, manifest = checkpoint.load(name, where)
+    missing = sorted(set(spec.requires) - set(manifest.requires))
+    if missing:
+        raise checkpoint.CheckpointError(f"{name}'s manifest pins no sha256 for {', '.join(missing)}; "
+                                         f"{checkpoint.rebuild_hint(name)}")
     model = spec.build(state["config"])
     model.load_state_dict(state["state_dict"])
     return model.eval(), manifest
+
+
+def load_parents(spec: ModelSpec, directory=None) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The verified models ``spec`` requires, and the sha256 of each, to pin in its manifest."""
+    parents, pins = {}, {}
+    for parent in spec.requires:
+        try:
+            parents[parent], manifest = load_model(parent, directory)
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(f"{spec.name} requires {parent}, which cannot be loaded: {e}") from e
+        pins[parent] = manifest.sha256
+    return parents, pins

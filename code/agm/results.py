@@ -35,7 +35,7 @@ def model_rows(classifier_sha256: str) -> list[dict]:
             continue
         m = checkpoint.read_manifest(name)
         used = m.metrics.get("metrics_classifier_sha256")
-        if used != classifier_sha256:
+        if used != classifier_sha256 or checkpoint.stale_requirements({"classifier": str(used)}):
             raise StaleMetricsError(
                 f"{name}: its manifest's metrics were computed with classifier {str(used)[:12]}…, not the "
                 f"shipped {classifier_sha256[:12]}…; recompute them with `python -m agm train {name}`"

@@ -1,64 +1,147 @@
-"""One small training loop for every gradient-trained model of the book."""
+"""One training loop for every gradient-trained model of the book.
+
+Two forms share one core, :func:`run_steps`:
+
+- :func:`train_loop` — one model, one optimizer: ``loss_fn(model, batch)`` returns ``loss`` or
+  ``(loss, logs)``; the loop takes the gradient step.
+- :func:`run_steps` — any update: ``step_fn(step)`` does its own optimizer steps (a critic and a
+  generator, inner critic steps, a gradient penalty, PPO epochs over a rollout, a line search) and
+  returns its logs. :func:`gradient_step` is the one place a loss becomes an update.
+
+Logs are a dict of numbers (or 0-d tensors); every ``log_every`` steps they enter the returned
+history as ``{"step": s, **logs}``. Tensors that are not scalars travel to ``on_step(step, logs)``
+only, for diagnostics accumulated over every step. A non-finite loss stops before the update.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+Logs = dict[str, Any]
 
-def train_loop(
-    model: nn.Module,
-    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-    batches: Iterator[torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    steps: int,
-    log_every: int = 50,
-    desc: str = "train",
-    on_step: Callable[[int], None] | None = None,
-    grad_clip: float | None = None,
-) -> list[dict[str, float]]:
-    """Run ``steps`` optimizer steps of ``loss_fn(model, batch)``; return the logged history.
 
-    A progress bar is drawn only when stderr is a terminal (never inside a book build).
-    A non-finite loss stops training with an error instead of corrupting the weights.
-    ``grad_clip`` bounds the global gradient norm; ``on_step(step)`` runs after each update.
+class NonFiniteLossError(FloatingPointError):
+    """A loss came out NaN or infinite; the weights were not updated."""
+
+
+def check_finite(loss: torch.Tensor, desc: str, step: int | None = None) -> float:
+    value = loss.item()
+    if not math.isfinite(value):
+        where = f" at step {step}" if step is not None else ""
+        raise NonFiniteLossError(f"{desc}: loss is {value}{where}; the weights were not updated. "
+                                 "Lower the learning rate or check the inputs.")
+    return value
+
+
+def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_clip: float | None = None,
+                  desc: str = "train") -> float:
+    """zero_grad, backward, optional global-norm clipping, step; returns the loss as a float."""
+    value = check_finite(loss, desc)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return value
+
+
+def split_logs(out: torch.Tensor | tuple[torch.Tensor, Logs]) -> tuple[torch.Tensor, Logs]:
+    """A loss function's result as ``(loss, logs)``, whichever form it returned."""
+    if isinstance(out, tuple):
+        loss, logs = out
+        return loss, dict(logs)
+    return out, {}
+
+
+def scalars(logs: Logs) -> dict[str, float]:
+    """The entries of ``logs`` that are numbers or 0-d tensors, as floats (what the history keeps)."""
+    out = {}
+    for k, v in logs.items():
+        if isinstance(v, torch.Tensor):
+            if v.ndim == 0:
+                out[k] = v.item()
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
+def run_steps(step_fn: Callable[[int], Logs], steps: int, log_every: int = 50, desc: str = "train",
+              on_step: Callable[[int, Logs], None] | None = None,
+              modules: Iterable[nn.Module] = ()) -> list[dict[str, float]]:
+    """Call ``step_fn(step)`` for step = 1..steps; keep its scalar logs every ``log_every`` steps.
+
+    ``modules`` are put in training mode before and evaluation mode after. A progress bar is drawn
+    only when stderr is a terminal (never inside a book build).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    model.train()
+    if log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {log_every}")
+    modules = list(modules)
+    for m in modules:
+        m.train()
     history: list[dict[str, float]] = []
     bar = None
     if sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=steps, desc=desc, leave=False)
-    for step in range(1, steps + 1):
-        loss = loss_fn(model, next(batches))
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(
-                f"{desc}: loss is {loss.item()} at step {step}; the weights were not updated. "
-                "Lower the learning rate or check the inputs."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        if on_step is not None:
-            on_step(step)
-        if step % log_every == 0 or step == steps:
-            history.append({"step": step, "loss": loss.item()})
+    try:
+        for step in range(1, steps + 1):
+            logs = step_fn(step)
+            if on_step is not None:
+                on_step(step, logs)
+            if step % log_every == 0 or step == steps:
+                history.append({"step": step, **scalars(logs)})
+            if bar is not None:
+                bar.update(1)
+                if "loss" in logs:
+                    bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
+    finally:
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    if bar is not None:
-        bar.close()
-    model.eval()
+            bar.close()
+        for m in modules:
+            m.eval()
     return history
+
+
+def train_loop(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor | tuple[torch.Tensor, Logs]],
+    batches: Iterator[Any],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    log_every: int = 50,
+    desc: str = "train",
+    on_step: Callable[[int, Logs], None] | None = None,
+    grad_clip: float | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> list[dict[str, float]]:
+    """``steps`` optimizer steps of ``loss_fn(model, next(batches))``; returns the logged history.
+
+    The history holds ``loss`` and the scalar logs of the loss function; ``scheduler.step()``
+    follows every update; ``on_step(step, logs)`` runs after it.
+    """
+
+    def step_fn(step: int) -> Logs:
+        loss, logs = split_logs(loss_fn(model, next(batches)))
+        try:
+            value = gradient_step(loss, optimizer, grad_clip, desc)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f"{e} (step {step})") from None
+        if scheduler is not None:
+            scheduler.step()
+        return {"loss": value, **logs}
+
+    return run_steps(step_fn, steps, log_every, desc, on_step, modules=[model])
 
 
 class EMA:
@@ -72,8 +155,6 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
-        import copy
-
         self.decay, self.warmup, self.updates = decay, warmup, 0
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():

@@ -1,0 +1,91 @@
+"""Configs as nested dataclasses, and the one way every checkpoint writes and reads them.
+
+A model's config holds its architecture and, in a field of its own, a :class:`TrainConfig`
+(``DDPMConfig(unet=UNetConfig(...), schedule=ScheduleConfig(...), train=TrainConfig(...))``).
+:func:`to_dict` turns any such tree into plain JSON values; :func:`from_dict` rebuilds it, checking
+every key, so a checkpoint written by one version of a config cannot be read silently by another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class TrainConfig:
+    """How a model is optimized; apart from what it is."""
+
+    steps: int = 1000  # optimizer steps (or epochs, where a model says so)
+    batch_size: int = 128
+    lr: float = 1e-3  # Adam's learning rate
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decays; GANs use beta_1 = 0.5 (Radford et al.)
+    lr_final: float | None = None  # cosine decay to this by the last step; None = constant
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    grad_clip: float | None = None  # bound on the global gradient norm
+    ema_decay: float | None = None  # exponential moving average of the weights; None = none
+    seed: int = 0
+
+    def adam(self, parameters) -> "torch.optim.Adam":
+        import torch
+
+        return torch.optim.Adam(parameters, lr=self.lr, betas=self.betas)
+
+    def cosine(self, optimizer) -> "torch.optim.lr_scheduler.LRScheduler | None":
+        """Cosine decay from lr to lr_final over ``steps`` (None when lr_final is None)."""
+        import torch
+
+        if self.lr_final is None:
+            return None
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.steps, eta_min=self.lr_final)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass tree as nested dicts of JSON values (tuples become lists)."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"expected a dataclass instance, got {type(config).__name__}")
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild ``cls`` from :func:`to_dict`'s output; nested dataclasses and tuples are restored.
+
+    Unknown keys are an error naming them; missing keys take the field's default.
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__}: expected a dict, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _value(hints[k], v) for k, v in data.items()})
+
+
+def _value(hint: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    for option in typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _union_type()) else (hint,):
+        if dataclasses.is_dataclass(option) and isinstance(value, dict):
+            return from_dict(option, value)
+        if (option is tuple or typing.get_origin(option) is tuple) and isinstance(value, list):
+            return tuple(value)
+    return value
+
+
+def _union_type():
+    import types
+
+    return types.UnionType

@@ -1,0 +1,67 @@
+"""Densities and divergences used across the book, each written once.
+
+Diagonal Gaussians are given by mean and log-variance, Bernoulli pixels by logits or probabilities;
+every function reduces over the dimensions it names and broadcasts over the rest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor | float = 0.0,
+                logvar2: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)); the defaults are N(0, 1)."""
+    mean2 = torch.as_tensor(mean2, dtype=mean1.dtype, device=mean1.device)
+    logvar2 = torch.as_tensor(logvar2, dtype=mean1.dtype, device=mean1.device)
+    # $\mathrm{KL} = \tfrac12\big(\log\frac{\sigma_2^2}{\sigma_1^2}
+    #   + \frac{\sigma_1^2 + (\mu_1-\mu_2)^2}{\sigma_2^2} - 1\big)$
+    return 0.5 * (logvar2 - logvar1 + (torch.exp(logvar1) + (mean1 - mean2) ** 2) * torch.exp(-logvar2) - 1)
+
+
+def diagonal_gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor, mean2: torch.Tensor | float = 0.0,
+                         logvar2: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """KL between diagonal Gaussians summed over the last dimension: (..., L) -> (...)."""
+    return gaussian_kl(mean, logvar, mean2, logvar2).sum(-1)
+
+
+def diagonal_gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor | float = 0.0,
+                               logvar: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """log N(z; mean, diag e^logvar) summed over the last dimension; the defaults are N(0, I)."""
+    mean = torch.as_tensor(mean, dtype=z.dtype, device=z.device)
+    logvar = torch.as_tensor(logvar, dtype=z.dtype, device=z.device)
+    # $\log\mathcal N(z;\mu,\sigma^2) = -\tfrac12\big((z-\mu)^2/\sigma^2 + \log\sigma^2 + \log 2\pi\big)$
+    return -0.5 * ((z - mean) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
+
+
+def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor, dims: int = 3) -> torch.Tensor:
+    """log p(x) of Bernoulli pixels with these logits, summed over the last ``dims`` dimensions.
+
+    ``logits`` (..., B, 1, 28, 28) broadcast against ``x`` (B, 1, 28, 28); ``x`` may hold gray levels
+    in [0, 1], which gives the expected log-likelihood of a fresh binarization.
+    """
+    # $\log p(x) = \sum_d x_d \log\sigma(\ell_d) + (1 - x_d)\log(1 - \sigma(\ell_d))$
+    elementwise = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
+    return elementwise.flatten(-dims).sum(-1)
+
+
+def bernoulli_log_prob(x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """The same log-likelihood from probabilities, for rows ``x`` (..., D) against ``probs`` (..., D).
+
+    Exact at probabilities 0 and 1 (``xlogy``: 0 log 0 = 0), which logits cannot express.
+    """
+    # $\log p(x) = \sum_d x_d \log p_d + (1 - x_d)\log(1 - p_d)$
+    return (torch.xlogy(x, probs) + torch.xlogy(1 - x, 1 - probs)).sum(-1)
+
+
+def mean_and_standard_error(values: torch.Tensor) -> tuple[float, float]:
+    """The mean of a 1-D sample and its standard error s / sqrt(n) (s with Bessel's correction)."""
+    if values.ndim != 1 or len(values) < 2:
+        raise ValueError(f"need a 1-D tensor of at least two values, got shape {list(values.shape)}")
+    v = values.double()
+    return v.mean().item(), (v.std() / math.sqrt(len(v))).item()

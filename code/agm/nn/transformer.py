@@ -1,0 +1,146 @@
+"""A decoder-only transformer in the manner of nanoGPT: one config, blocks, a KV cache for generation.
+
+Used by the VQ-VAE's prior over codes (Chapter 23) and by the autoregressive models, policies and
+reward models of Modules 5–7. Switches for the ablations of Chapters 46–47: pre- or post-LayerNorm,
+residual connections on or off, and the positional embedding (learned, sinusoidal, 2-D, rotary, none).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from agm.nn.attention import KVCache, SelfAttention
+
+NORMS = ("pre", "post")
+POSITIONS = ("learned", "sinusoidal", "2d", "rotary", "none")
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 32  # input symbols, special tokens (start, labels) included
+    output_size: int | None = None  # symbols the head predicts; None = vocab_size
+    block_size: int = 49  # the longest sequence, in tokens
+    width: int = 96  # C, the embedding size
+    layers: int = 3
+    heads: int = 4  # width must divide by heads
+    mlp_ratio: int = 4  # hidden width of each block's MLP = mlp_ratio * width
+    dropout: float = 0.0
+    norm: str = "pre"  # "pre": x + f(LN(x)) (GPT-2); "post": LN(x + f(x)) (Vaswani et al.)
+    residual: bool = True  # False removes both skip connections of every block (an ablation)
+    positions: str = "learned"  # one of POSITIONS
+    grid: tuple[int, int] | None = None  # (rows, cols) of the token grid, for "2d" positions
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.vocab_size < 1 or self.block_size < 1 or self.layers < 0 or self.width % self.heads:
+            raise ValueError(f"need vocab_size >= 1, block_size >= 1 and width divisible by heads, got {self}")
+        if self.positions == "2d" and (self.grid is None or self.grid[0] * self.grid[1] < self.block_size):
+            raise ValueError(f"2-D positions need a grid of at least block_size cells, got {self.grid}")
+        if self.positions == "rotary" and (self.width // self.heads) % 2:
+            raise ValueError("rotary positions need an even head dimension")
+
+
+def sinusoidal_table(length: int, width: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Vaswani et al.'s fixed embedding (length, width): sines and cosines of geometric frequencies."""
+    half = width // 2
+    # $\omega_i = \text{max\_period}^{-i/\text{half}}$, row $p$ = $[\sin(p\omega), \cos(p\omega)]$
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * freqs[None]
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return nn.functional.pad(table, (0, width - 2 * half))
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, max_period: float = 10_000.0) -> torch.Tensor:
+    """Rotary embedding (Su et al., 2021) of ``x`` (B, H, T, d) at integer ``positions`` (T,)."""
+    d = x.shape[-1]
+    # pairs $(x_{2i}, x_{2i+1})$ rotated by the angle $p\,\theta_i$, $\theta_i = \text{max\_period}^{-2i/d}$
+    theta = torch.exp(-math.log(max_period) * torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+    angles = positions.to(x.device, torch.float32)[:, None] * theta[None]  # (T, d/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+
+
+class Block(nn.Module):
+    """Attention and an MLP, each around the residual stream, with pre- or post-LayerNorm."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.ln1, self.ln2 = nn.LayerNorm(config.width), nn.LayerNorm(config.width)
+        self.attn = SelfAttention(config.width, config.heads, causal=True, dropout=config.dropout)
+        self.mlp = nn.Sequential(nn.Linear(config.width, config.mlp_ratio * config.width), nn.GELU(),
+                                 nn.Linear(config.mlp_ratio * config.width, config.width), nn.Dropout(config.dropout))
+
+    def forward(self, h: torch.Tensor, cache: KVCache | None = None, layer: int = 0, offset: int = 0,
+                qk_transform=None) -> torch.Tensor:
+        skip = 1.0 if self.config.residual else 0.0
+        if self.config.norm == "pre":
+            # $h \leftarrow h + \mathrm{Attn}(\mathrm{LN}(h))$, $h \leftarrow h + \mathrm{MLP}(\mathrm{LN}(h))$
+            h = skip * h + self.attn(self.ln1(h), cache, layer, offset, qk_transform)
+            return skip * h + self.mlp(self.ln2(h))
+        # $h \leftarrow \mathrm{LN}(h + \mathrm{Attn}(h))$, $h \leftarrow \mathrm{LN}(h + \mathrm{MLP}(h))$
+        h = self.ln1(skip * h + self.attn(h, cache, layer, offset, qk_transform))
+        return self.ln2(skip * h + self.mlp(h))
+
+
+class Transformer(nn.Module):
+    """tokens (B, T) -> logits (B, T, output_size) of the next symbol after each prefix."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = c = config
+        self.token = nn.Embedding(c.vocab_size, c.width)
+        if c.positions == "learned":
+            self.position = nn.Embedding(c.block_size, c.width)
+        elif c.positions == "2d":
+            self.row, self.col = nn.Embedding(c.grid[0], c.width), nn.Embedding(c.grid[1], c.width)
+        elif c.positions == "sinusoidal":
+            self.register_buffer("table", sinusoidal_table(c.block_size, c.width), persistent=False)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
+        self.ln = nn.LayerNorm(c.width) if c.norm == "pre" else nn.Identity()  # post-LN blocks end normalized
+        self.head = nn.Linear(c.width, c.output_size or c.vocab_size)
+
+    def embed(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Token plus (absolute) position embeddings of ``tokens`` at positions offset.., (B, T, C)."""
+        c, T = self.config, tokens.shape[1]
+        if offset + T > c.block_size:
+            raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {c.block_size}")
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= c.vocab_size):
+            raise ValueError(f"tokens must lie in 0..{c.vocab_size - 1}")
+        h = self.token(tokens)  # (B, T, C)
+        pos = torch.arange(offset, offset + T, device=tokens.device)
+        if c.positions == "learned":
+            h = h + self.position(pos)
+        elif c.positions == "2d":
+            h = h + self.row(pos // c.grid[1]) + self.col(pos % c.grid[1])
+        elif c.positions == "sinusoidal":
+            h = h + self.table[offset : offset + T]
+        return self.drop(h)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, K). With a ``cache``, ``tokens`` are the new positions after those it holds."""
+        if tokens.ndim != 2 or tokens.dtype != torch.long:
+            raise ValueError(f"tokens must be a long tensor [B, T], got {tokens.dtype} {list(tokens.shape)}")
+        offset = cache.length() if cache is not None else 0
+        h = self.embed(tokens, offset)
+        qk = None
+        if self.config.positions == "rotary":
+            def qk(q, k, start):
+                pos = torch.arange(start, start + tokens.shape[1])
+                return rotate(q, pos), rotate(k, pos)
+        for layer, block in enumerate(self.blocks):
+            h = block(h, cache, layer, offset, qk)
+        return self.head(self.ln(h))
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
