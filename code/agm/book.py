@@ -148,11 +148,39 @@ def check_offline(html: Path, page: str = OFFLINE_PAGE, screenshot: Path | None 
     return typeset
 
 
+def run_chapter(chapter: Path, smoke: bool = True, out: Path | None = None) -> Path:
+    """Execute one chapter as a notebook (no Sphinx, no cache), for working on it; returns the executed file.
+
+    A failing cell stops with its traceback. The smoke and full budgets are chosen as in a build.
+    """
+    if not chapter.is_file() or chapter.suffix != ".md":
+        raise SystemExit(f"{chapter} is not a chapter (.md)")
+    out = out or REPO_ROOT / "_build" / "chapters" / ("smoke" if smoke else "full") / chapter.with_suffix(".ipynb").name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import nbformat
+    from myst_nb.core.read import read_myst_markdown_notebook
+    from nbclient import NotebookClient
+
+    notebook = read_myst_markdown_notebook(chapter.read_text())
+    previous = os.environ.get("AGM_SMOKE")
+    os.environ["AGM_SMOKE"] = "1" if smoke else "0"
+    try:
+        NotebookClient(notebook, timeout=TIMEOUT_S["smoke" if smoke else "full"], kernel_name="python3",
+                       resources={"metadata": {"path": str(chapter.parent.resolve())}}).execute()
+    finally:
+        os.environ.pop("AGM_SMOKE") if previous is None else os.environ.update(AGM_SMOKE=previous)
+        nbformat.write(notebook, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m agm.book")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build the book (incremental; stale outputs are discarded)")
     b.add_argument("--smoke", action="store_true", help="AGM_SMOKE=1 budgets, into _build/smoke")
+    r = sub.add_parser("run", help="execute one chapter as a notebook, without building the book")
+    r.add_argument("chapter", type=Path, nargs="+")
+    r.add_argument("--full", action="store_true", help="full budgets instead of smoke budgets")
     c = sub.add_parser("check-offline", help="render Chapter 1 in headless Chromium with no network")
     c.add_argument("--smoke", action="store_true", help="check the smoke build instead of the full one")
     c.add_argument("--screenshot", type=Path, default=REPO_ROOT / "_build" / "offline-check.png")
@@ -160,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         html = build(smoke=args.smoke)
         print(f"book: done; open {html / 'index.html'}")
+    elif args.command == "run":
+        for chapter in args.chapter:
+            print(f"book: executed {chapter} -> {run_chapter(chapter, smoke=not args.full)}")
     else:
         check_offline(build_dir(REPO_ROOT, args.smoke) / "html", screenshot=args.screenshot)
     return 0

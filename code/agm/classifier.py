@@ -116,7 +116,7 @@ def build(config: dict) -> MNISTClassifier:
     return MNISTClassifier(ClassifierConfig(**config))
 
 
-def train(seed: int = 0) -> TrainResult:
+def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
     config = ClassifierConfig(epochs=budget(8, 1), seed=seed)
     model = fit(config, n_train=budget(None, 2000))
     return TrainResult(model, asdict(config), steps=config.epochs)
@@ -130,12 +130,7 @@ def evaluate(model: MNISTClassifier) -> dict[str, float]:
     return {"test_accuracy": accuracy(model, x, y), "valid_accuracy": accuracy(model, xv, yv)}
 
 
-def _no_samples(model, n, generator, labels=None):
-    raise ValueError("the classifier is not a generative model; it has nothing to sample")
-
-
-
 register(ModelSpec(
     name="classifier", chapter=14, summary="MNIST CNN classifier (features for FID, IS, precision/recall)",
-    build=build, train=train, evaluate=evaluate, sample=_no_samples, generative=False, train_minutes=10.0,
+    build=build, train=train, evaluate=evaluate, train_minutes=10.0,
 ))

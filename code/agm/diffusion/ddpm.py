@@ -277,7 +277,7 @@ def build(config: dict) -> DDPM:
     return DDPM(DDPMConfig(**config))
 
 
-def train(seed: int = 0) -> TrainResult:
+def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
     config = DDPMConfig(steps=budget(DDPMConfig.steps, 20), batch_size=budget(DDPMConfig.batch_size, 32), seed=seed)
     ema_model, _, diagnostics = fit(config)
     extra = {"loss_per_t": diagnostics["loss_per_t"], "final_loss": diagnostics["history"][-1]["loss"]}

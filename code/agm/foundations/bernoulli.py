@@ -49,7 +49,7 @@ def build(config: dict) -> IndependentBernoulli:
     return IndependentBernoulli(BernoulliConfig(**config))
 
 
-def train(seed: int = 0) -> TrainResult:
+def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
     """Closed form: the seed changes nothing."""
     x, _ = mnist("trainval")
     model = build({}).fit(x)

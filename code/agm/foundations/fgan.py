@@ -125,7 +125,7 @@ def build(config: dict) -> FGAN:
 
 
 def trainer(divergence: str):
-    def train(seed: int = 0) -> TrainResult:
+    def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
         config = FGANConfig(divergence=divergence, steps=budget(FGANConfig.steps, 30), seed=seed)
         model, _ = fit(config)
         return TrainResult(model, asdict(config), steps=config.steps)

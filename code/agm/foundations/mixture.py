@@ -123,7 +123,7 @@ def build(config: dict) -> BernoulliMixture:
     return BernoulliMixture(MixtureConfig(**config))
 
 
-def train(seed: int = 0) -> TrainResult:
+def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
     x, _ = mnist("trainval")
     x = x[: budget(len(x), 2000)]
     config = MixtureConfig(iterations=budget(30, 3), seed=seed)

@@ -193,7 +193,7 @@ def gallery(models: dict[float, VAE], x: torch.Tensor, seed: int = 0) -> list[di
     return rows
 
 
-def train(seed: int = 0) -> TrainResult:
+def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
     """``train beta-vae``: the sweep over BETAS; the checkpoint is the CHOSEN_BETA model."""
     from agm.data import binarized_test_set
     from agm.runtime import budget

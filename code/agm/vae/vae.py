@@ -209,7 +209,7 @@ def build(config: dict) -> VAE:
 
 def trainer(epochs: int, **fields):
     """``train NAME`` for a VAE with these config fields, trained for ``epochs`` (one in smoke mode)."""
-    def train(seed: int = 0) -> TrainResult:
+    def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
         from dataclasses import asdict
 
         from agm.runtime import budget

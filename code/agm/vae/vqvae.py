@@ -406,7 +406,7 @@ def build(config: dict) -> VQVAE:
     return VQVAE(VQVAEConfig(**config))
 
 
-def train(seed: int = 0) -> TrainResult:
+def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
     config = VQVAEConfig(steps=budget(VQVAEConfig.steps, 20), batch_size=budget(VQVAEConfig.batch_size, 32),
                          prior_steps=budget(VQVAEConfig.prior_steps, 20),
                          prior_batch_size=budget(VQVAEConfig.prior_batch_size, 32), seed=seed)
