@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 
@@ -30,15 +32,11 @@ class TrainConfig:
     ema_decay: float | None = None  # exponential moving average of the weights; None = none
     seed: int = 0
 
-    def adam(self, parameters) -> "torch.optim.Adam":
-        import torch
-
+    def adam(self, parameters) -> torch.optim.Adam:
         return torch.optim.Adam(parameters, lr=self.lr, betas=self.betas)
 
-    def cosine(self, optimizer) -> "torch.optim.lr_scheduler.LRScheduler | None":
+    def cosine(self, optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
         """Cosine decay from lr to lr_final over ``steps`` (None when lr_final is None)."""
-        import torch
-
         if self.lr_final is None:
             return None
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.steps, eta_min=self.lr_final)

@@ -20,9 +20,9 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
-from typing import Any
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch

@@ -1,62 +1,42 @@
 """Denoising diffusion probabilistic models (Ho et al., 2020), Chapters 29–32.
 
 Three separate pieces, as in diffusers: the noise schedule (:mod:`agm.diffusion.schedule`), the
-network (:mod:`agm.diffusion.unet`) and the samplers here. :class:`DDPM` only ties a U-Net to a
-schedule; training minimizes L_simple with an EMA of the weights; sampling is the ancestral chain
-with either variance choice; :func:`bits_per_dim` estimates the variational bound on test images.
+network (:mod:`agm.nn.unet`) and the samplers (:mod:`agm.diffusion.samplers`). :class:`DDPM` only ties
+a U-Net to a schedule; training minimizes L_simple with an EMA of the weights; :func:`bits_per_dim`
+estimates the variational bound on test images.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from agm.data import check_images, mnist
+from agm.config import TrainConfig, from_dict, to_dict
+from agm.data import batches, check_images, mnist, to_symmetric
 from agm.diffusion import losses
+from agm.diffusion.samplers import SAMPLERS, VARIANCES, ancestral_sample
 from agm.diffusion.schedule import NoiseSchedule, ScheduleConfig
-from agm.diffusion.unet import UNet, UNetConfig
+from agm.distributions import mean_and_standard_error
 from agm.metrics import nats_to_bits_per_dim
-from agm.registry import ModelSpec, TrainResult, register
+from agm.nn.unet import UNet, UNetConfig
+from agm.registry import ModelSpec, TrainResult, refuse_labels, register
 from agm.runtime import budget, device
 from agm.train import EMA, train_loop
 
-VARIANCES = ("beta_tilde", "beta")
+
+def default_training() -> TrainConfig:
+    return TrainConfig(steps=4000, batch_size=128, lr=1e-3, warmup_steps=200, grad_clip=1.0, ema_decay=0.999)
 
 
 @dataclass
 class DDPMConfig:
-    # the network (agm.diffusion.unet.UNetConfig)
-    channels: int = 16
-    multipliers: tuple[int, int, int] = (1, 2, 4)  # widths 16, 32, 64 at 28x28, 14x14, 7x7
-    blocks_per_level: int = 1
-    attention: bool = True
-    time_embedding: bool = True
-    dropout: float = 0.0
-    # the forward process (agm.diffusion.schedule.ScheduleConfig)
-    num_timesteps: int = 1000
-    schedule: str = "linear"
-    # the optimization
-    steps: int = 4000
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup_steps: int = 200  # linear learning-rate warm-up
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    seed: int = 0
-
-    def unet(self) -> UNetConfig:
-        return UNetConfig(channels=self.channels, multipliers=tuple(self.multipliers),
-                          blocks_per_level=self.blocks_per_level,
-                          attention=self.attention, time_embedding=self.time_embedding, dropout=self.dropout)
-
-    def noise_schedule(self) -> NoiseSchedule:
-        return NoiseSchedule(ScheduleConfig(num_timesteps=self.num_timesteps, kind=self.schedule))
+    unet: UNetConfig = field(default_factory=UNetConfig)  # widths 16, 32, 64 at 28x28, 14x14, 7x7
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # linear, T = 1000
+    train: TrainConfig = field(default_factory=default_training)
 
 
 class DDPM(nn.Module):
@@ -65,40 +45,53 @@ class DDPM(nn.Module):
     def __init__(self, config: DDPMConfig):
         super().__init__()
         self.config = config
-        self.schedule = config.noise_schedule()
-        self.net = UNet(config.unet())
+        self.schedule = NoiseSchedule(config.schedule)
+        self.net = UNet(config.unet)
 
-    def forward(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(xt, t)
+    def forward(self, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(xt, t, labels)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        c = self.config.unet
+        return c.in_channels, c.resolution, c.resolution
 
 
 def to_model_space(images: torch.Tensor) -> torch.Tensor:
     """[0, 1] images -> the [-1, 1] data space of the diffusion."""
-    return 2 * images - 1
+    return to_symmetric(images)
 
 
 def to_images(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] images, clamped."""
     return ((x + 1) / 2).clamp(0, 1)
 
 
+def noise_prediction_error(model: DDPM, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                           labels: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Per-example $\frac1D\|\epsilon - \epsilon_\theta(x_t, t)\|^2$ at the given t and ε: (B,)."""
+    # $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon$
+    xt = model.schedule.q_sample(x0, t, eps)
+    return ((model(xt, t, labels) - eps) ** 2).flatten(1).mean(1)
+
+
 def training_loss(model: DDPM, x0: torch.Tensor, generator: torch.Generator | None = None,
-                  per_example: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_simple on a batch of [-1, 1] images: t ~ U{0..T-1}, eps ~ N(0, I), regress eps from x_t.
 
-    With ``per_example`` also return the timesteps and each example's mean squared error, for the
-    loss-per-timestep diagnostic of Chapter 29.
+    Returns the loss and, as logs, the timesteps and each example's squared error (for the
+    loss-per-timestep diagnostic of Chapter 29).
     """
-    t = torch.randint(model.schedule.num_timesteps, (len(x0),), generator=generator).to(x0.device)
-    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-    eps_pred = model(model.schedule.q_sample(x0, t, eps), t)
-    loss = losses.simple_loss(eps_pred, eps)
-    if per_example:
-        return loss, t, ((eps_pred - eps) ** 2).flatten(1).mean(1).detach()
-    return loss
+    # $t \sim \mathcal U\{0, \dots, T-1\}$, $\epsilon \sim \mathcal N(0, I)$
+    t = torch.randint(model.schedule.num_timesteps, (len(x0),), generator=generator).to(x0.device)  # (B,)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # (B, C, H, W)
+    # $L_\text{simple} = \mathbb E\,\|\epsilon - \epsilon_\theta(x_t, t)\|^2$ (mean over pixels and batch)
+    mse = noise_prediction_error(model, x0, t, eps, labels)  # (B,)
+    return mse.mean(), {"t": t, "mse": mse.detach()}
 
 
 class LossPerTimestep:
-    """Running mean of the ε-MSE in ``bins`` equal ranges of t, over the last ``window`` batches."""
+    """Running mean of the ε-MSE in ``bins`` equal ranges of t."""
 
     def __init__(self, num_timesteps: int, bins: int = 20):
         self.num_timesteps, self.bins = num_timesteps, bins
@@ -118,94 +111,92 @@ class LossPerTimestep:
         return (self.total / self.count.clamp(min=1)).tolist()
 
 
-def _batches(x: torch.Tensor, batch_size: int, generator: torch.Generator, dev: torch.device) -> Iterator[torch.Tensor]:
-    while True:
-        order = torch.randperm(len(x), generator=generator)
-        for i in range(0, len(x) - batch_size + 1, batch_size):
-            yield to_model_space(x[order[i : i + batch_size]]).to(dev)
-
-
 def fit(config: DDPMConfig, log=print, log_every: int = 250) -> tuple[DDPM, DDPM, dict]:
     """Train on the 60 000 training images; return (the EMA model, the raw model, diagnostics).
 
     Diagnostics: the logged loss history, the loss per timestep over the last 10 % of training,
     and the wall time.
     """
-    dev = device()
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
+    tc, dev = config.train, device()
+    generator = torch.Generator().manual_seed(tc.seed)
+    torch.manual_seed(tc.seed)
     x, _ = mnist("trainval")
     model = DDPM(config).to(dev)
-    ema = EMA(model, config.ema_decay)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
-    per_t = LossPerTimestep(config.num_timesteps)
-    tail_start = int(0.9 * config.steps)
-    step = 0
-    start = time.perf_counter()
+    ema = EMA(model, tc.ema_decay)
+    optimizer = tc.adam(model.parameters())
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
+    per_t = LossPerTimestep(config.schedule.num_timesteps)
+    tail_start, start = int(0.9 * tc.steps), time.perf_counter()
 
-    def loss_fn(m: DDPM, x0: torch.Tensor) -> torch.Tensor:
-        loss, t, mse = training_loss(m, x0, generator, per_example=True)
-        if step >= tail_start:
-            per_t.add(t, mse)
-        return loss
-
-    def on_step(s: int) -> None:
-        nonlocal step
-        step = s
+    def after_step(step: int, logs: dict) -> None:
         ema.update(model)
-        warmup.step()
-        if s % log_every == 0:
-            log(f"ddpm step {s}/{config.steps}: {time.perf_counter() - start:.0f} s")
+        if step > tail_start:
+            per_t.add(logs["t"], logs["mse"])
+        if step % log_every == 0:
+            log(f"ddpm step {step}/{tc.steps}: {time.perf_counter() - start:.0f} s")
 
-    history = train_loop(model, loss_fn, _batches(x, config.batch_size, generator, dev), optimizer,
-                         config.steps, desc="ddpm", on_step=on_step, grad_clip=config.grad_clip)
+    data = batches(x, batch_size=tc.batch_size, generator=generator, transform=to_symmetric, device=dev,
+                   drop_last=True)
+    history = train_loop(model, lambda m, x0: training_loss(m, x0, generator), data, optimizer, tc.steps,
+                         desc="ddpm", on_step=after_step, grad_clip=tc.grad_clip, scheduler=warmup)
     diagnostics = {"history": history, "loss_per_t": per_t.means(), "wall_time_s": time.perf_counter() - start}
     return ema.module.eval(), model.eval(), diagnostics
 
 
-def _check_sampling(model: DDPM, n: int, steps: int | None, variance: str) -> int:
+def draw_noise(model: DDPM, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x_T ~ N(0, I) of the model's sample shape, drawn on the CPU generator, on the model's device."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    steps = model.schedule.num_timesteps if steps is None else steps
-    if not 1 <= steps <= model.schedule.num_timesteps:
-        raise ValueError(f"steps must lie in 1..{model.schedule.num_timesteps}, got {steps}")
-    if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
-    return steps
+    return torch.randn((n, *model.sample_shape), generator=generator).to(next(model.parameters()).device)
 
 
 @torch.no_grad()
 def sample_chain(model: DDPM, n: int, generator: torch.Generator | None = None, steps: int | None = None,
-                 variance: str = "beta_tilde", keep: int = 0) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-    """Ancestral sampling x_T ~ N(0, I) -> x_0 (Ho et al., Algorithm 2); no noise at the last step.
+                 variance: str = "beta_tilde", keep: int = 0, clip_denoised: bool = True,
+                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+    """Ancestral sampling x_T -> x_0 (:func:`agm.diffusion.samplers.ancestral_sample`) with its trajectory.
 
-    ``steps`` < T walks an evenly spaced subsequence of the timesteps (:meth:`NoiseSchedule.respaced`).
     ``keep`` > 0 also returns that many intermediate states, evenly spaced along the chain, as
-    (timestep, images in [0, 1]) pairs, x_T first and x_0 last.
-    Returns images in [0, 1], shape [n, 1, 28, 28].
+    (time index, images in [0, 1]) pairs, x_T first and x_0 last. Returns images in [0, 1].
     """
-    steps = _check_sampling(model, n, steps, variance)
     model.eval()
-    dev = next(model.parameters()).device
-    schedule, tau = model.schedule.respaced(steps)
-    x = torch.randn((n, 1, 28, 28), generator=generator).to(dev)
-    # chain position p = the state after p denoising steps; its 1-based time is tau[-1] + 1 = T at p = 0
+    steps = model.schedule.num_timesteps if steps is None else steps
+    model.schedule.timesteps(steps)  # validates steps before any work
     positions = set(torch.linspace(0, steps, keep).round().long().tolist()) if keep else set()
-    trajectory = [(int(tau[-1]) + 1, to_images(x).cpu())] if 0 in positions else []
-    for p, i in enumerate(reversed(range(steps)), start=1):
-        t = torch.full((n,), int(tau[i]), device=dev)
-        x, _ = schedule.step(model(x, t), i, x, generator, variance)
-        if p in positions:
-            trajectory.append((int(tau[i - 1]) + 1 if i > 0 else 0, to_images(x).cpu()))
+    trajectory: list[tuple[int, torch.Tensor]] = []
+
+    def record(t: int, x: torch.Tensor) -> None:
+        if len(trajectory_calls) in positions:
+            trajectory.append((t, to_images(x).cpu()))
+        trajectory_calls.append(t)
+
+    trajectory_calls: list[int] = []
+    x = ancestral_sample(model, model.schedule, draw_noise(model, n, generator), steps, variance, clip_denoised,
+                         generator, labels, record if keep else None)
     return to_images(x).cpu(), trajectory
 
 
-def sample(model: DDPM, n: int, generator: torch.Generator | None = None, labels=None, steps: int | None = None,
-           variance: str = "beta_tilde", batch_size: int = 500) -> torch.Tensor:
-    """``spec.sample``: n images in [0, 1] by ancestral sampling, in batches of ``batch_size``."""
-    steps = _check_sampling(model, n, steps, variance)
-    out = [sample_chain(model, min(batch_size, n - i), generator, steps, variance)[0] for i in range(0, n, batch_size)]
+def sample(model: DDPM, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
+           steps: int | None = None, variance: str = "beta_tilde", sampler: str = "ancestral", eta: float = 0.0,
+           clip_denoised: bool = True, batch_size: int = 500) -> torch.Tensor:
+    """``spec.sample``: n images in [0, 1] from the chosen sampler, in batches of ``batch_size``."""
+    if model.config.unet.num_classes == 0:
+        refuse_labels(labels)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    steps = model.schedule.num_timesteps if steps is None else steps
+    model.schedule.timesteps(steps)  # validates steps
+    options = {"variance": variance} if sampler == "ancestral" else {"eta": eta}
+    model.eval()
+    out = []
+    for i in range(0, n, batch_size):
+        m = min(batch_size, n - i)
+        y = None if labels is None else labels[i : i + m].to(next(model.parameters()).device)
+        x = SAMPLERS[sampler](model, model.schedule, draw_noise(model, m, generator), steps,
+                              clip_denoised=clip_denoised, generator=generator, labels=y, **options)
+        out.append(to_images(x).cpu())
     return torch.cat(out)
 
 
@@ -261,9 +252,9 @@ def bits_per_dim(model: DDPM, images: torch.Tensor, generator: torch.Generator |
     totals = torch.cat([bound_terms(model, images[i : i + batch_size], generator, timesteps_per_image,
                                     exact_below=exact_below if timesteps_per_image else 0)["total"].cpu()
                         for i in range(0, len(images), batch_size)])
-    bpd = nats_to_bits_per_dim(totals)
-    return {"bits_per_dim": float(bpd.mean()), "bits_per_dim_se": float(bpd.std() / math.sqrt(len(bpd))),
-            "bits_per_dim_n": len(bpd), "bits_per_dim_timesteps_per_image": timesteps_per_image or 0,
+    mean, se = mean_and_standard_error(nats_to_bits_per_dim(totals))
+    return {"bits_per_dim": mean, "bits_per_dim_se": se,
+            "bits_per_dim_n": len(totals), "bits_per_dim_timesteps_per_image": timesteps_per_image or 0,
             "bits_per_dim_exact_below": exact_below if timesteps_per_image else model.schedule.num_timesteps}
 
 
@@ -271,17 +262,21 @@ def bits_per_dim(model: DDPM, images: torch.Tensor, generator: torch.Generator |
 
 EVAL_STEPS = 50  # sampling steps of the shipped metrics (10 000 samples x 1000 steps is hours on 2 CPU cores)
 BOUND_IMAGES = 2000  # test images in the shipped bits/dim estimate
+# How the shipped metrics were sampled: the 50-step respaced ancestral chain, x̂_0 not clipped.
+METRIC_SAMPLER = {"steps": EVAL_STEPS, "clip_denoised": False}
 
 
 def build(config: dict) -> DDPM:
-    return DDPM(DDPMConfig(**config))
+    return DDPM(from_dict(DDPMConfig, config))
 
 
 def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
-    config = DDPMConfig(steps=budget(DDPMConfig.steps, 20), batch_size=budget(DDPMConfig.batch_size, 32), seed=seed)
+    defaults = default_training()
+    config = DDPMConfig(train=replace(defaults, steps=budget(defaults.steps, 20),
+                                      batch_size=budget(defaults.batch_size, 32), seed=seed))
     ema_model, _, diagnostics = fit(config)
     extra = {"loss_per_t": diagnostics["loss_per_t"], "final_loss": diagnostics["history"][-1]["loss"]}
-    return TrainResult(ema_model, asdict(config), steps=config.steps, extra=extra)
+    return TrainResult(ema_model, to_dict(config), steps=config.train.steps, extra=extra)
 
 
 def evaluate(model: DDPM) -> dict[str, float]:
@@ -292,15 +287,22 @@ def evaluate(model: DDPM) -> dict[str, float]:
 
 
 def add_sample_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="ancestral",
+                        help="ancestral (Ho et al., Algorithm 2) or ddim (Song et al., eq. 12)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps, 1..T (default: T = 1000)")
-    parser.add_argument("--variance", choices=("beta", "beta_tilde"), default="beta_tilde",
-                        help="variance of p(x_{t-1}|x_t): beta_t or the posterior's beta~_t")
+    parser.add_argument("--variance", choices=VARIANCES, default="beta_tilde",
+                        help="ancestral: variance of p(x_{t-1}|x_t), the posterior's beta~_t or beta_t")
+    parser.add_argument("--eta", type=float, default=0.0, help="ddim: 0 = deterministic, 1 = ancestral-like noise")
+    parser.add_argument("--no-clip", dest="clip_denoised", action="store_false",
+                        help="do not clip the predicted x_0 to [-1, 1] (Ho et al. and diffusers clip)")
 
 
 register(ModelSpec(
     name="ddpm", chapter=29, summary="DDPM: ε-prediction U-Net, linear schedule, T = 1000, EMA weights",
     build=build, train=train, sample=sample, evaluate=evaluate, train_minutes=60.0,
-    add_sample_options=add_sample_options, metric_sample_options=lambda: {"steps": budget(EVAL_STEPS, 5)},
+    add_sample_options=add_sample_options, metric_sample_options=lambda: {**METRIC_SAMPLER,
+                                                                           "steps": budget(EVAL_STEPS, 5)},
 ))
 
-__all__ = ["DDPM", "DDPMConfig", "bits_per_dim", "fit", "sample", "sample_chain", "training_loss"]
+__all__ = ["DDPM", "DDPMConfig", "bits_per_dim", "fit", "noise_prediction_error", "sample", "sample_chain",
+           "training_loss"]

@@ -11,13 +11,7 @@ import math
 import torch
 
 from agm.diffusion.schedule import NoiseSchedule
-
-
-def gaussian_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2))."""
-    # $\mathrm{KL} = \tfrac12\big(\log\frac{\sigma_2^2}{\sigma_1^2}
-    #   + \frac{\sigma_1^2 + (\mu_1-\mu_2)^2}{\sigma_2^2} - 1\big)$
-    return 0.5 * (logvar2 - logvar1 + (torch.exp(logvar1) + (mean1 - mean2) ** 2) * torch.exp(-logvar2) - 1)
+from agm.distributions import gaussian_kl
 
 
 def _sum_pixels(x: torch.Tensor) -> torch.Tensor:

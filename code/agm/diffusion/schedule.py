@@ -59,18 +59,24 @@ class NoiseSchedule:
         self.posterior_mean_coef1 = self.alphas_cumprod_prev.sqrt() * self.betas / (1 - self.alphas_cumprod)
         self.posterior_mean_coef2 = self.alphas.sqrt() * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
 
-    def respaced(self, steps: int) -> tuple[NoiseSchedule, torch.Tensor]:
-        """A ``steps``-step chain through an evenly spaced subsequence of the timesteps.
-
-        Keeping $\\bar\\alpha$ at the chosen timesteps $\\tau_1 < \\dots < \\tau_S$ and setting
-        $\\beta'_i = 1 - \\bar\\alpha_{\\tau_i} / \\bar\\alpha_{\\tau_{i-1}}$ gives a shorter forward process with
-        the same marginals q(x_tau | x_0), so the network trained on all T steps applies unchanged
-        (Nichol & Dhariwal, 2021, section 4). Returns the new schedule and the original timesteps
-        tau (to feed the network).
-        """
+    def timesteps(self, steps: int) -> torch.Tensor:
+        r"""An evenly spaced subsequence $0 = \tau_1 < \dots < \tau_S = T - 1$ of the timesteps, ascending."""
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"steps must lie in 1..{self.num_timesteps}, got {steps}")
-        tau = torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long()
+        if steps == 1:
+            return torch.tensor([self.num_timesteps - 1])
+        return torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long()
+
+    def respaced(self, steps: int) -> tuple[NoiseSchedule, torch.Tensor]:
+        r"""A ``steps``-step chain through an evenly spaced subsequence of the timesteps.
+
+        Keeping $\bar\alpha$ at the chosen timesteps $\tau_1 < \dots < \tau_S$ and setting
+        $\beta'_i = 1 - \bar\alpha_{\tau_i} / \bar\alpha_{\tau_{i-1}}$ gives a shorter forward process with
+        the same marginals q(x_tau | x_0), so the network trained on all T steps applies unchanged
+        (Nichol & Dhariwal, 2021, section 4). Returns the new schedule and the original timesteps
+        tau. The samplers do not need it: ``step(eps, t, x_t, prev_t=s)`` jumps from t to s directly.
+        """
+        tau = self.timesteps(steps)
         kept = self.alphas_cumprod[tau]
         prev = torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
         config = ScheduleConfig(**{**vars(self.config), "num_timesteps": steps})
@@ -113,22 +119,45 @@ class NoiseSchedule:
         a = self._at(self.alphas_cumprod, t, xt)
         return (xt - (1 - a).sqrt() * eps) / a.sqrt()
 
-    def step(self, eps: torch.Tensor, t: int, xt: torch.Tensor, generator: torch.Generator | None = None,
-             variance: str = "beta_tilde") -> tuple[torch.Tensor, torch.Tensor]:
-        """One ancestral step x_t -> x_{t-1} from a predicted noise; returns (prev_sample, pred_original_sample).
+    def alpha_bar(self, t: int) -> torch.Tensor:
+        r"""$\bar\alpha_t$ for 0 <= t < T, and 1 for t = -1 (the clean data before the first step)."""
+        if not -1 <= t < self.num_timesteps:
+            raise ValueError(f"timestep must lie in -1..{self.num_timesteps - 1}, got {t}")
+        return self.alphas_cumprod[t] if t >= 0 else torch.ones((), dtype=torch.float64)
 
-        ``variance``: "beta_tilde" (the posterior variance, diffusers "fixed_small") or "beta"
-        ("fixed_large"). No noise is added at t = 0.
+    def step(self, eps: torch.Tensor, t: int, xt: torch.Tensor, generator: torch.Generator | None = None,
+             variance: str = "beta_tilde", prev_t: int | None = None,
+             clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""One ancestral step x_t -> x_s from a predicted noise; returns (prev_sample, pred_original_sample).
+
+        ``t`` and ``prev_t`` = s are timesteps of this schedule (0-based, as the network sees them);
+        s defaults to t - 1, and any s < t is the step of the forward process with
+        $\beta' = 1 - \bar\alpha_t/\bar\alpha_s$ (a respaced chain); s = -1 ends at the data, without noise.
+        ``variance``: "beta_tilde" (the posterior variance, diffusers "fixed_small") or "beta" ("fixed_large").
+        ``clip_denoised`` projects the predicted x_0 onto the data range [-1, 1] before it enters the
+        posterior mean, as Ho et al.'s code (``clip_denoised=True``) and diffusers (``clip_sample=True``) do.
         """
         if variance not in ("beta_tilde", "beta"):
             raise ValueError(f"variance must be 'beta_tilde' or 'beta', got {variance!r}")
-        # 1. the predicted original sample (Ho et al., eq. 15)
+        s = t - 1 if prev_t is None else prev_t
+        if not -1 <= s < t:
+            raise ValueError(f"prev_t must lie in -1..{t - 1}, got {s}")
+        a_t, a_s = self.alpha_bar(t), self.alpha_bar(s)
+        # $\beta' = 1 - \bar\alpha_t / \bar\alpha_s$ ($= \beta_t$ when s = t - 1)
+        beta = 1 - a_t / a_s
+        # 1. the predicted original sample (Ho et al., eq. 15), optionally projected onto [-1, 1]
         pred_original_sample = self.predict_x0(xt, t, eps)
-        # 2. the posterior mean with x_0 replaced by its prediction (eq. 7)
-        mean, beta_tilde = self.q_posterior(pred_original_sample, xt, t)
-        if t == 0:
+        if clip_denoised:
+            pred_original_sample = pred_original_sample.clamp(-1, 1)
+        # 2. the posterior mean with x_0 replaced by its prediction (eq. 7):
+        # $\tilde\mu = \frac{\sqrt{\bar\alpha_s}\beta'}{1-\bar\alpha_t}\hat x_0
+        #   + \frac{\sqrt{1-\beta'}(1-\bar\alpha_s)}{1-\bar\alpha_t} x_t$
+        coef_x0 = (a_s.sqrt() * beta / (1 - a_t)).to(xt.dtype)
+        coef_xt = ((1 - beta).sqrt() * (1 - a_s) / (1 - a_t)).to(xt.dtype)
+        mean = coef_x0 * pred_original_sample + coef_xt * xt
+        if s == -1:
             return mean, pred_original_sample
-        # 3. add noise with the chosen variance
-        var = beta_tilde.clamp(min=1e-20) if variance == "beta_tilde" else self._at(self.betas, t, xt)
+        # 3. add noise: $\sigma^2 = \tilde\beta = \frac{1-\bar\alpha_s}{1-\bar\alpha_t}\beta'$ or $\sigma^2 = \beta'$
+        var = ((1 - a_s) / (1 - a_t) * beta).clamp(min=1e-20) if variance == "beta_tilde" else beta
         noise = torch.randn(xt.shape, generator=generator, dtype=xt.dtype).to(xt.device)
-        return mean + var.sqrt() * noise, pred_original_sample
+        return mean + var.to(xt.dtype).sqrt() * noise, pred_original_sample

@@ -1,0 +1,101 @@
+r"""Samplers over any noise-prediction model: pure functions of (model, schedule, x_T, options).
+
+``model(x_t, t, labels)`` predicts ε at integer timesteps ``t`` (B,); ``labels`` is None for an
+unconditional draw. Every sampler walks an evenly spaced subsequence $\tau_1 < \dots < \tau_S$ of the
+schedule's timesteps (``schedule.timesteps(steps)``), calls ``callback(t, x)`` with the paper's time
+index t (T for x_T, 0 for the output) after every step and once before the first, and returns x_0.
+Departures from the reference implementations are named options with the reference's default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from agm.diffusion.schedule import NoiseSchedule
+
+VARIANCES = ("beta_tilde", "beta")
+Callback = Callable[[int, torch.Tensor], None]
+
+
+def _chain(schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | None) -> list[tuple[int, int]]:
+    """The (t, s) pairs of the chain, from the last timestep down to s = -1 (the data)."""
+    if x_T.ndim != 4:
+        raise ValueError(f"x_T must have shape [B, C, H, W], got {list(x_T.shape)}")
+    tau = schedule.timesteps(schedule.num_timesteps if steps is None else steps).tolist()
+    return [(tau[i], tau[i - 1] if i > 0 else -1) for i in reversed(range(len(tau)))]
+
+
+def predict_eps(model: nn.Module, x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torch.Tensor:
+    """ε_θ(x_t, t[, y]) with t broadcast over the batch."""
+    tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+    return model(x, tt) if labels is None else model(x, tt, labels)
+
+
+@torch.no_grad()
+def ancestral_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | None = None,
+                     variance: str = "beta_tilde", clip_denoised: bool = True,
+                     generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
+                     callback: Callback | None = None) -> torch.Tensor:
+    """Ho et al.'s Algorithm 2: x_{τ_{i-1}} ~ p_θ(· | x_{τ_i}) from x_T down to x_0; no noise at the last step.
+
+    ``steps`` < T walks the respaced chain (Nichol & Dhariwal, 2021) through ``schedule.timesteps(steps)``.
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    chain = _chain(schedule, x_T, steps)
+    x = x_T
+    if callback is not None:
+        callback(chain[0][0] + 1, x)
+    for t, s in chain:
+        x, _ = schedule.step(predict_eps(model, x, t, labels), t, x, generator, variance, prev_t=s,
+                             clip_denoised=clip_denoised)
+        if callback is not None:
+            callback(s + 1, x)
+    return x
+
+
+def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, s: int, x: torch.Tensor, eta: float = 0.0,
+              clip_denoised: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One step x_t -> x_s of Song et al.'s (2021) generalized process (their eq. 12), s < t; s = -1 is the data.
+
+    As in diffusers' ``DDIMScheduler`` (``use_clipped_model_output=False``), a clipped x̂_0 enters the
+    update but the direction term keeps the network's ε.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    a_t, a_s = schedule.alpha_bar(t).to(x.dtype), schedule.alpha_bar(s).to(x.dtype)
+    # 1. $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\epsilon_\theta) / \sqrt{\bar\alpha_t}$
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    if clip_denoised:
+        x0 = x0.clamp(-1, 1)
+    # 2. $\sigma = \eta \sqrt{(1-\bar\alpha_s)/(1-\bar\alpha_t)}\sqrt{1-\bar\alpha_t/\bar\alpha_s}$
+    sigma = eta * ((1 - a_s) / (1 - a_t)).sqrt() * (1 - a_t / a_s).sqrt()
+    # 3. $x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1-\bar\alpha_s-\sigma^2}\,\epsilon_\theta + \sigma z$
+    x = a_s.sqrt() * x0 + (1 - a_s - sigma**2).clamp(min=0).sqrt() * eps
+    if eta > 0 and s >= 0:
+        x = x + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | None = None,
+                eta: float = 0.0, clip_denoised: bool = True, generator: torch.Generator | None = None,
+                labels: torch.Tensor | None = None, callback: Callback | None = None) -> torch.Tensor:
+    """DDIM (Song et al., 2021): :func:`ddim_step` along the chain; η = 0 is deterministic."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    chain = _chain(schedule, x_T, steps)
+    x = x_T
+    if callback is not None:
+        callback(chain[0][0] + 1, x)
+    for t, s in chain:
+        x = ddim_step(schedule, predict_eps(model, x, t, labels), t, s, x, eta, clip_denoised, generator)
+        if callback is not None:
+            callback(s + 1, x)
+    return x
+
+
+SAMPLERS = {"ancestral": ancestral_sample, "ddim": ddim_sample}
