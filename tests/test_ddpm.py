@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from agm import checkpoint
@@ -19,14 +19,17 @@ from agm.diffusion.ddpm import (
     sample_chain,
     training_loss,
 )
+from agm.diffusion.samplers import ancestral_sample, ddim_sample, ddim_step
 from agm.diffusion.schedule import NoiseSchedule, ScheduleConfig
+from agm.nn.unet import UNetConfig
 from agm.metrics import nats_to_bits_per_dim
 from agm.train import EMA
 
 
 def tiny(num_timesteps: int = 1000, **kw) -> DDPM:
     torch.manual_seed(0)
-    return DDPM(DDPMConfig(channels=8, multipliers=(1, 1, 1), num_timesteps=num_timesteps, **kw)).eval()
+    return DDPM(DDPMConfig(unet=UNetConfig(channels=8, multipliers=(1, 1, 1), **kw),
+                           schedule=ScheduleConfig(num_timesteps=num_timesteps))).eval()
 
 
 class ZeroNet(nn.Module):
@@ -36,7 +39,7 @@ class ZeroNet(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x, t):
+    def forward(self, x, t, labels=None):
         return torch.zeros_like(x) * self.w
 
 
@@ -75,24 +78,89 @@ def test_respacing_keeps_the_marginals_and_the_full_chain_is_unchanged():
         s.respaced(0)
 
 
-def test_respaced_steps_match_diffusers_ddpm_with_fewer_inference_steps():
-    """diffusers' DDPMScheduler.set_timesteps(S) takes the same kind of shortened chain ("trailing" spacing
-    puts the first step at T-1, as ours); compare one step at each kept timestep with a fixed model output."""
+def test_respaced_schedule_matches_diffusers_custom_timesteps():
+    """respaced(S) is the chain diffusers' DDPMScheduler walks with set_timesteps(timesteps=tau): at each kept
+    timestep, diffusers' current beta (1 - alpha_bar_t / alpha_bar_prev) is the respaced schedule's beta."""
     s = NoiseSchedule()
-    ref = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, timestep_spacing="trailing")
+    short, tau = s.respaced(20)
+    ref = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+    ref.set_timesteps(timesteps=tau.flip(0).tolist())
+    for i, t in enumerate(tau.tolist()):
+        prev = ref.previous_timestep(t)
+        a_prev = ref.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)
+        expected = 1 - ref.alphas_cumprod[t] / a_prev
+        assert short.betas[i].item() == pytest.approx(expected.item(), rel=1e-3), t  # diffusers: float32
+        assert prev == (tau[i - 1].item() if i > 0 else -1)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("steps", [None, 7])
+def test_whole_ancestral_chain_matches_a_loop_over_diffusers_ddpm_scheduler(clip, steps):
+    """The same network, the same x_T and the same noise draws: our chain equals diffusers' step() loop."""
+    T = 40
+    model = tiny(num_timesteps=T)
+    tau = model.schedule.timesteps(steps or T)
+    ref = DDPMScheduler(num_train_timesteps=T, clip_sample=clip, variance_type="fixed_small")
+    ref.set_timesteps(timesteps=tau.flip(0).tolist())
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 1, 28, 28, generator=g)
+    x_ref = x.clone()
+    with torch.no_grad():
+        for t in ref.timesteps:
+            eps = model(x_ref, torch.full((2,), int(t)))
+            x_ref = ref.step(eps, int(t), x_ref, generator=g).prev_sample
+    ours = ancestral_sample(model, model.schedule, x, steps, clip_denoised=clip,
+                            generator=_after_draw(11))
+    assert torch.allclose(ours, x_ref, atol=1e-4, rtol=1e-4)
+
+
+def _after_draw(seed: int) -> torch.Generator:
+    """A generator seeded with ``seed`` that has already drawn one x_T of shape (2, 1, 28, 28)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.randn(2, 1, 28, 28, generator=g)
+    return g
+
+
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_step_matches_diffusers_ddim_scheduler(clip, eta):
+    """diffusers steps from t to t - T // S; compare single steps with a fixed model output."""
+    s = NoiseSchedule()
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=clip, set_alpha_to_one=True)
     ref.set_timesteps(10)
-    ref_tau = sorted(int(t) for t in ref.timesteps)
     g = torch.Generator().manual_seed(0)
-    xt, eps = torch.randn(2, 1, 28, 28, generator=g), torch.randn(2, 1, 28, 28, generator=g)
-    ours_sched = NoiseSchedule(ScheduleConfig(num_timesteps=10),
-                               betas=1 - s.alphas_cumprod[ref_tau] / torch.cat(
-                                   [torch.ones(1, dtype=torch.float64), s.alphas_cumprod[ref_tau][:-1]]))
-    for i, t in enumerate(ref_tau):
-        if i == 0:
-            continue  # diffusers adds noise on its last step (its t = 99 > 0); ours adds none at the end
-        prev, _ = ours_sched.step(eps, i, xt, torch.Generator().manual_seed(7), variance="beta_tilde")
-        expected = ref.step(eps, t, xt, generator=torch.Generator().manual_seed(7)).prev_sample
-        assert torch.allclose(prev, expected, atol=1e-4, rtol=1e-4), t
+    xt, eps = torch.randn(2, 1, 28, 28, generator=g) * 2, torch.randn(2, 1, 28, 28, generator=g)
+    for t in (900, 500, 100):
+        ours = ddim_step(s, eps, t, t - 100, xt, eta, clip, torch.Generator().manual_seed(3))
+        expected = ref.step(eps, t, xt, eta=eta, generator=torch.Generator().manual_seed(3)).prev_sample
+        assert torch.allclose(ours, expected, atol=1e-4, rtol=1e-4), t
+
+
+def test_deterministic_ddim_is_deterministic_and_eta_one_is_not():
+    model = tiny(num_timesteps=20)
+    x_T = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    a = ddim_sample(model, model.schedule, x_T, 5, eta=0.0, generator=torch.Generator().manual_seed(1))
+    b = ddim_sample(model, model.schedule, x_T, 5, eta=0.0, generator=torch.Generator().manual_seed(2))
+    c = ddim_sample(model, model.schedule, x_T, 5, eta=1.0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_clipping_projects_the_predicted_x0_onto_the_data_range():
+    """A network whose x0-prediction lies far outside [-1, 1]: with clipping the last step returns x0 in range."""
+    model = tiny(num_timesteps=5)
+    model.net = ZeroNet()
+    x_T = torch.full((1, 1, 28, 28), 3.0)  # x0_hat = x_t / sqrt(alpha_bar_t) > 1 everywhere
+    clipped = ancestral_sample(model, model.schedule, x_T, clip_denoised=True, generator=torch.Generator())
+    unclipped = ancestral_sample(model, model.schedule, x_T, clip_denoised=False, generator=torch.Generator())
+    assert clipped.max() <= 1.0 + 1e-6 and unclipped.min() > 1.5
+
+
+def test_callback_sees_every_state_with_the_papers_time_index():
+    model = tiny(num_timesteps=10)
+    seen = []
+    ancestral_sample(model, model.schedule, torch.randn(1, 1, 28, 28), 4, callback=lambda t, x: seen.append(t))
+    tau = model.schedule.timesteps(4).tolist()
+    assert seen == [10, *[t + 1 for t in reversed(tau[:-1])], 0]
 
 
 # -- sampler ----------------------------------------------------------------------------------------
@@ -100,9 +168,10 @@ def test_respaced_steps_match_diffusers_ddpm_with_fewer_inference_steps():
 def test_sampler_shapes_range_determinism_and_trajectory():
     model = tiny(num_timesteps=20)
     a, traj = sample_chain(model, 3, torch.Generator().manual_seed(1), keep=5)
+    c = sample(model, 3, torch.Generator().manual_seed(1))
     b, _ = sample_chain(model, 3, torch.Generator().manual_seed(1))
     assert a.shape == (3, 1, 28, 28) and 0 <= a.min() and a.max() <= 1
-    assert torch.equal(a, b)
+    assert torch.equal(a, b) and torch.equal(a, c)
     assert [t for t, _ in traj] == [20, 15, 10, 5, 0]
     assert torch.equal(traj[-1][1], a)
 
@@ -113,7 +182,7 @@ def test_zero_noise_prediction_follows_the_posterior_mean_recursion():
     model.net = ZeroNet()
     g = torch.Generator().manual_seed(3)
     x1 = torch.randn((2, 1, 28, 28), generator=torch.Generator().manual_seed(3))
-    out, _ = sample_chain(model, 2, g)
+    out, _ = sample_chain(model, 2, g, clip_denoised=False)
     expected = ((x1 / model.schedule.alphas_cumprod[0].sqrt()).float() + 1) / 2
     assert torch.allclose(out, expected.clamp(0, 1), atol=1e-6)
 
@@ -130,16 +199,27 @@ def test_sampler_bad_inputs():
         sample(model, 0)
     with pytest.raises(ValueError, match=r"\[B, 1, 28, 28\]"):
         model(torch.zeros(2, 1, 32, 32), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="not class-conditional"):
+        sample(model, 2, labels=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="sampler"):
+        sample(model, 2, sampler="euler")
 
 
 # -- training ------------------------------------------------------------------------------------------
 
 def test_training_loss_is_l_simple_and_reports_timesteps():
+    """Recomputed from the closed form x_t = sqrt(abar) x0 + sqrt(1 - abar) eps with the same draws."""
     model = tiny(num_timesteps=50)
     x0 = torch.rand(6, 1, 28, 28) * 2 - 1
-    loss, t, mse = training_loss(model, x0, torch.Generator().manual_seed(0), per_example=True)
-    assert t.shape == (6,) and ((0 <= t) & (t < 50)).all()
-    assert loss.item() == pytest.approx(mse.mean().item(), rel=1e-5)
+    loss, logs = training_loss(model, x0, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(50, (6,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    abar = model.schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    with torch.no_grad():
+        expected = ((model(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t) - eps) ** 2).mean()
+    assert torch.equal(logs["t"], t) and logs["mse"].shape == (6,)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_loss_per_timestep_bins():
@@ -213,10 +293,16 @@ def test_train_smoke_and_sample(smoke_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("AGM_CHECKPOINTS", str(smoke_dir))
     manifest = checkpoint.read_manifest("ddpm", smoke_dir)
     assert manifest.metrics["sample_steps"] == 5 and len(manifest.training["loss_per_t"]) == 20
+    assert manifest.metrics["sample_clip_denoised"] is False
     out = tmp_path / "d.pt"
     assert main(["sample", "ddpm", "--n", "4", "--steps", "10", "--variance", "beta", "--out", str(out)]) == 0
     images = torch.load(out, weights_only=True)["images"]
     assert images.shape == (4, 1, 28, 28)
+    ddim = tmp_path / "ddim.pt"
+    assert main(["sample", "ddpm", "--n", "4", "--sampler", "ddim", "--steps", "10", "--eta", "0", "--no-clip",
+                 "--out", str(ddim)]) == 0
+    assert not torch.equal(torch.load(ddim, weights_only=True)["images"], images)
+    assert main(["sample", "ddpm", "--n", "2", "--label", "3", "--out", str(ddim)]) == 2  # unconditional
     with pytest.raises(SystemExit):
         main(["sample", "ddpm", "--n", "4", "--variance", "learned", "--out", str(out)])
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from agm.diffusion.unet import UNet, UNetConfig, parameter_count, timestep_embedding
+from agm.nn.unet import UNet, UNetConfig, parameter_count, timestep_embedding
 
 
 def small(**kw) -> UNet:
@@ -36,12 +36,47 @@ def test_attention_ablation_removes_parameters():
     assert parameter_count(small(attention=False)) < parameter_count(small())
 
 
-def test_conditional_network_needs_labels():
+def test_conditional_network_uses_labels_and_the_null_label():
+    """labels None is the null label (index num_classes), the unconditional input of classifier-free guidance."""
     model = small(num_classes=10).eval()
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([5, 6])
-    assert model(x, t, torch.tensor([1, 2])).shape == (2, 1, 28, 28)
-    with pytest.raises(ValueError, match="pass labels"):
-        model(x, t)
+    with torch.no_grad():
+        cond = model(x, t, torch.tensor([1, 2]))
+        null = model(x, t, torch.tensor([10, 10]))
+        assert cond.shape == (2, 1, 28, 28) and not torch.allclose(cond, null)
+        assert torch.equal(model(x, t), null)
+        torch.nn.init.normal_(model.label_emb.weight)  # distinct label embeddings give distinct predictions
+        assert not torch.allclose(model(x, t, torch.tensor([1, 1])), model(x, t, torch.tensor([2, 2])))
+    with pytest.raises(ValueError, match="labels must be"):
+        model(x, t, torch.tensor([11, 0]))
+    with pytest.raises(ValueError, match="not class-conditional"):
+        small()(x, t, torch.tensor([1, 2]))
+
+
+def test_latent_shaped_input_with_two_levels_and_odd_size():
+    """A 4 x 7 x 7 latent: 7 -> 4 -> back to 7 (the transposed convolution's 8 is cropped)."""
+    model = UNet(UNetConfig(in_channels=4, resolution=7, channels=16, groups=4, multipliers=(1, 2),
+                            num_classes=10)).eval()
+    x, t = torch.randn(3, 4, 7, 7), torch.tensor([0, 500, 999])
+    out = model(x, t, torch.tensor([0, 10, 9]))
+    assert out.shape == (3, 4, 7, 7) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"\[B, 4, 7, 7\]"):
+        model(torch.randn(3, 1, 28, 28), t)
+
+
+def test_attention_matches_torch_multihead_attention():
+    """The shared layer with nn.MultiheadAttention's weights computes the same function (oracle)."""
+    from agm.nn.attention import SelfAttention
+
+    torch.manual_seed(0)
+    ours, ref = SelfAttention(16, 4), torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(ours.qkv.weight)
+        ref.in_proj_bias.copy_(ours.qkv.bias)
+        ref.out_proj.weight.copy_(ours.out.weight)
+        ref.out_proj.bias.copy_(ours.out.bias)
+        h = torch.randn(3, 49, 16)
+        assert torch.allclose(ours(h), ref(h, h, h, need_weights=False)[0], atol=1e-5)
 
 
 def test_bad_inputs_raise():

@@ -17,7 +17,11 @@ def test_device_falls_back_to_cpu_and_can_be_forced(monkeypatch):
     monkeypatch.setenv("AGM_DEVICE", "cpu")
     assert runtime.device() == torch.device("cpu")
     monkeypatch.delenv("AGM_DEVICE")
-    assert runtime.device().type in {"cuda", "mps", "cpu"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert runtime.device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runtime.device() == torch.device("cuda")  # cuda is preferred whenever it is there
 
 
 def test_seeding_is_reproducible():
@@ -71,3 +75,44 @@ def test_grid_keeps_pixels_and_saves_png(tmp_path):
     assert ax.images[0].get_interpolation() == "nearest"
     with pytest.raises(ValueError):
         viz.grid(torch.zeros(28, 28))
+
+
+def test_logs_of_the_loss_reach_the_history_and_on_step():
+    model = nn.Linear(2, 1)
+    batch = (torch.randn(8, 2), torch.randn(8, 1))
+    seen = []
+
+    def loss_fn(m, b):
+        loss = mse(m, b)
+        return loss, {"half": loss.detach() / 2, "per_example": torch.ones(8)}
+
+    history = train_loop(model, loss_fn, iter(lambda: batch, None), torch.optim.SGD(model.parameters(), 0.1),
+                         steps=4, log_every=2, on_step=lambda step, logs: seen.append((step, logs["per_example"].shape)))
+    assert [h["step"] for h in history] == [2, 4]
+    assert all(h["half"] == pytest.approx(h["loss"] / 2) for h in history)
+    assert "per_example" not in history[0]  # only scalars enter the history
+    assert seen == [(s, (8,)) for s in (1, 2, 3, 4)]
+
+
+def test_run_steps_carries_two_optimizers_and_inner_steps():
+    """A critic with three inner steps per generator step, as WGAN trains: both models move, logs come out."""
+    from agm.train import gradient_step, run_steps
+
+    critic, gen = nn.Linear(1, 1), nn.Linear(1, 1)
+    opt_c, opt_g = torch.optim.SGD(critic.parameters(), 0.01), torch.optim.SGD(gen.parameters(), 0.01)
+    c0, g0 = critic.weight.item(), gen.weight.item()
+    calls = []
+
+    def step_fn(step):
+        for _ in range(3):
+            calls.append("critic")
+            critic_loss = gradient_step(critic(gen(torch.ones(4, 1)).detach()).mean(), opt_c)
+        calls.append("generator")
+        gen_loss = gradient_step(-critic(gen(torch.ones(4, 1))).mean(), opt_g)
+        return {"critic_loss": critic_loss, "generator_loss": gen_loss}
+
+    history = run_steps(step_fn, 2, log_every=1, modules=[critic, gen])
+    assert calls == ["critic"] * 3 + ["generator"] + ["critic"] * 3 + ["generator"]
+    assert set(history[0]) == {"step", "critic_loss", "generator_loss"}
+    assert critic.weight.item() != c0 and gen.weight.item() != g0
+    assert not critic.training and not gen.training

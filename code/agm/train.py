@@ -41,9 +41,9 @@ def check_finite(loss: torch.Tensor, desc: str, step: int | None = None) -> floa
 
 
 def gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_clip: float | None = None,
-                  desc: str = "train") -> float:
+                  desc: str = "train", step: int | None = None) -> float:
     """zero_grad, backward, optional global-norm clipping, step; returns the loss as a float."""
-    value = check_finite(loss, desc)
+    value = check_finite(loss, desc, step)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip is not None:
@@ -133,10 +133,7 @@ def train_loop(
 
     def step_fn(step: int) -> Logs:
         loss, logs = split_logs(loss_fn(model, next(batches)))
-        try:
-            value = gradient_step(loss, optimizer, grad_clip, desc)
-        except NonFiniteLossError as e:
-            raise NonFiniteLossError(f"{e} (step {step})") from None
+        value = gradient_step(loss, optimizer, grad_clip, desc, step)
         if scheduler is not None:
             scheduler.step()
         return {"loss": value, **logs}

@@ -180,6 +180,8 @@ def sample(model: DDPM, n: int, generator: torch.Generator | None = None, labels
            steps: int | None = None, variance: str = "beta_tilde", sampler: str = "ancestral", eta: float = 0.0,
            clip_denoised: bool = True, batch_size: int = 500) -> torch.Tensor:
     """``spec.sample``: n images in [0, 1] from the chosen sampler, in batches of ``batch_size``."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
     if model.config.unet.num_classes == 0:
         refuse_labels(labels)
     if sampler not in SAMPLERS:
