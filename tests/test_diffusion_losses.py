@@ -82,3 +82,24 @@ def test_simple_loss():
     eps = torch.randn(4, 1, 28, 28)
     assert losses.simple_loss(eps, eps) == 0
     assert losses.simple_loss(eps + 1, eps).item() == pytest.approx(1.0)
+
+
+def test_noised_gaussian_mixture_density_and_score_are_exact():
+    """The density integrates to 1, matches a histogram of noised draws, and the score is its derivative."""
+    from agm.diffusion.toy import GaussianMixture1D
+
+    mix = GaussianMixture1D(torch.tensor([-0.7, 0.6]), torch.tensor([0.15, 0.25]), torch.tensor([0.4, 0.6]))
+    abar = 0.7
+    grid = torch.linspace(-5, 5, 20_001, dtype=torch.float64)
+    density = mix.log_density(grid, abar).exp()
+    assert torch.trapezoid(density, grid).item() == pytest.approx(1.0, abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    xt = math.sqrt(abar) * mix.sample(200_000, g) + math.sqrt(1 - abar) * torch.randn(200_000, generator=g).double()
+    inside = ((xt > 0.0) & (xt < 0.5)).double().mean().item()
+    exact = torch.trapezoid(density[(grid > 0) & (grid < 0.5)], grid[(grid > 0) & (grid < 0.5)]).item()
+    assert inside == pytest.approx(exact, abs=4 * math.sqrt(exact * (1 - exact) / 200_000) + 1e-3)
+    x = torch.linspace(-2, 2, 9, dtype=torch.float64).requires_grad_(True)
+    mix.log_density(x, abar).sum().backward()
+    assert torch.allclose(mix.score(x.detach(), abar), x.grad, atol=1e-10)
+    with pytest.raises(ValueError, match="probability"):
+        GaussianMixture1D(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([0.5]))
