@@ -102,3 +102,21 @@ def test_overfits_a_single_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.1 * first
+
+
+def test_cost_per_resolution_counts_multiply_adds_by_hand():
+    """One 3x3 convolution 1 -> 16 channels at 28x28 does 9 * 1 * 16 * 784 multiply-adds per image."""
+    from agm.diffusion.diagnostics import cost_per_resolution
+
+    class Stem(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 16, 3, padding=1)
+            self.down = torch.nn.Conv2d(16, 8, 3, stride=2, padding=1)
+
+        def forward(self, x, t):
+            return self.down(self.conv(x))
+
+    cost = cost_per_resolution(Stem(), torch.randn(2, 1, 28, 28), torch.zeros(2, dtype=torch.long), repeats=1)
+    assert cost[28]["multiply_adds"] == 9 * 16 * 784 and cost[14]["multiply_adds"] == 9 * 16 * 8 * 196
+    assert list(cost) == [28, 14] and all(c["seconds"] > 0 for c in cost.values())

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
+
+from agm.nn.attention import SelfAttention
 
 
 class StopGradientBranch(nn.Module):
@@ -33,3 +37,51 @@ def output_sensitivity(model: nn.Module, x0: torch.Tensor, t: int, pixel: tuple[
     xt = model.schedule.q_sample(x0, tt, torch.randn(x0.shape, generator=generator)).requires_grad_(True)
     model(xt, tt)[:, 0, row, col].sum().backward()
     return xt.grad.abs().mean(0)
+
+
+@torch.no_grad()
+def cost_per_resolution(model: nn.Module, x: torch.Tensor, t: torch.Tensor, repeats: int = 5) -> dict[int, dict]:
+    """Multiply-adds and wall time of the convolutions and linear maps, grouped by the resolution they run at.
+
+    Forward hooks on every ``Conv2d``, ``ConvTranspose2d`` and attention layer record the output's
+    spatial size, the layer's multiply-adds per image (kernel size x input channels x output
+    elements; attention: its projections and the H*W x H*W score and value products) and the time
+    between its pre-hook and hook, the fastest of ``repeats`` passes.
+    """
+    rows: dict[int, dict] = {}
+    starts: dict[nn.Module, float] = {}
+    times: dict[nn.Module, float] = {}
+
+    def before(module, inputs):
+        starts[module] = time.perf_counter()
+
+    def after(module, inputs, output):
+        elapsed = time.perf_counter() - starts[module]
+        times[module] = min(times.get(module, float("inf")), elapsed)
+        if module in macs:
+            return
+        if isinstance(module, SelfAttention):
+            b, n, c = inputs[0].shape
+            res = int(round(n ** 0.5))
+            macs[module] = (res, 4 * n * c * c + 2 * n * n * c)  # q, k, v, out projections; QK^T and AV
+        else:
+            k = module.kernel_size[0] * module.kernel_size[1]
+            c_in = module.in_channels // module.groups
+            macs[module] = (output.shape[-1], k * c_in * output[0].numel())
+
+    macs: dict[nn.Module, tuple[int, int]] = {}
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, SelfAttention))]
+    handles = [h for m in layers for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        for _ in range(repeats):
+            model(x, t)
+    finally:
+        for h in handles:
+            h.remove()
+    for m in layers:
+        res, count = macs[m]
+        row = rows.setdefault(res, {"multiply_adds": 0, "seconds": 0.0, "layers": 0})
+        row["multiply_adds"] += count
+        row["seconds"] += times[m]
+        row["layers"] += 1
+    return dict(sorted(rows.items(), reverse=True))
