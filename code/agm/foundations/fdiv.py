@@ -7,12 +7,16 @@ v into the domain of f*, so that E_P[g_f(V)] - E_Q[f*(g_f(V))] is a lower bound 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from agm.distributions import bernoulli_log_prob
+from agm.train import train_loop
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 LOG2 = math.log(2.0)
@@ -113,9 +117,23 @@ def fenchel_bound(name: str, v_p: torch.Tensor, v_q: torch.Tensor) -> torch.Tens
 
 # --- exact values for independent-pixel Bernoulli models (the book's MNIST-derived references) ---
 
-def bernoulli_log_prob(x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """log prod_d probs_d^x_d (1 - probs_d)^(1 - x_d) for binary rows of ``x`` ``[N, D]``."""
-    return (torch.xlogy(x, probs) + torch.xlogy(1 - x, 1 - probs)).sum(-1)
+def binary_states(dims: int) -> torch.Tensor:
+    """All 2^dims binary images of ``dims`` pixels, ``[2^dims, dims]``; row s holds the bits of s."""
+    return ((torch.arange(2**dims)[:, None] >> torch.arange(dims)) & 1).double()
+
+
+def bernoulli_pmf(probs: torch.Tensor) -> torch.Tensor:
+    """The probability of every state of :func:`binary_states` under independent pixels ``probs`` (D <= 20)."""
+    probs = probs.double().flatten()
+    if len(probs) > 20:
+        raise ValueError(f"exact enumeration needs at most 20 pixels, got {len(probs)}")
+    return bernoulli_log_prob(binary_states(len(probs)), probs).exp()
+
+
+def divergence_exact(name: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """D_f(P||Q) between two distributions on the same finite set, given as probability vectors."""
+    # $D_f(P\|Q) = \sum_x q(x) f(p(x)/q(x))$
+    return (q * get(name).f(p / q)).sum()
 
 
 def bernoulli_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -127,13 +145,7 @@ def bernoulli_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def bernoulli_exact(name: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """D_f between independent-pixel Bernoulli models by summing over all 2^D images (D <= 20)."""
-    p, q = p.double().flatten(), q.double().flatten()
-    if len(p) > 20:
-        raise ValueError(f"exact enumeration needs at most 20 pixels, got {len(p)}")
-    states = ((torch.arange(2 ** len(p))[:, None] >> torch.arange(len(p))) & 1).double()  # (2^D, D)
-    log_p, log_q = bernoulli_log_prob(states, p), bernoulli_log_prob(states, q)
-    # $D_f(P\|Q) = \sum_x q(x) f(p(x)/q(x))$
-    return (log_q.exp() * get(name).f((log_p - log_q).exp())).sum()
+    return divergence_exact(name, bernoulli_pmf(p), bernoulli_pmf(q))
 
 
 # --- estimating a divergence with a trained critic (Chapter 3) ----------------------------------
@@ -153,15 +165,20 @@ def fit_critic(
 ) -> tuple[torch.nn.Module, list[tuple[int, float]]]:
     """Maximize the Fenchel bound over a critic; return it and the bound on held-out samples over training."""
     critic = critic_mlp(dim)
-    opt = torch.optim.Adam(critic.parameters(), lr=lr)
     held_p, held_q = sample_p(eval_size), sample_q(eval_size)
-    history = []
-    for step in range(1, steps + 1):
-        loss = -fenchel_bound(name, critic(sample_p(batch_size)), critic(sample_q(batch_size)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    pairs = ((sample_p(batch_size), sample_q(batch_size)) for _ in itertools.count())
+
+    def loss_fn(critic: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+        bound = fenchel_bound(name, critic(batch[0]), critic(batch[1]))
+        return -bound, {"bound": bound.detach()}
+
+    held_out = []
+
+    def evaluate(step: int, logs: dict) -> None:
         if step % eval_every == 0 or step == steps:
             with torch.no_grad():
-                history.append((step, fenchel_bound(name, critic(held_p), critic(held_q)).item()))
-    return critic, history
+                held_out.append((step, fenchel_bound(name, critic(held_p), critic(held_q)).item()))
+
+    train_loop(critic, loss_fn, pairs, torch.optim.Adam(critic.parameters(), lr=lr), steps,
+               log_every=eval_every, desc=f"critic ({name})", on_step=evaluate)
+    return critic, held_out
