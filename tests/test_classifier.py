@@ -30,13 +30,16 @@ def test_random_shift_moves_pixels_without_losing_them(generator):
     assert torch.equal(random_shift(x, 0, generator), x)
 
 
-def test_classifier_has_nothing_to_sample():
+def test_classifier_has_nothing_to_sample(tmp_path, capsys):
     spec = registry.get("classifier")
-    assert not spec.generative
-    with pytest.raises(ValueError, match="not a generative model"):
-        spec.sample(None, 4, None)
+    assert not spec.generative and spec.sample is None
+    assert main(["sample", "classifier", "--n", "4", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "nothing to sample" in capsys.readouterr().err
 
 
-def test_train_classifier_smoke(tmp_path):
+def test_train_classifier_smoke_stores_the_accuracy_of_its_weights(tmp_path):
+    """The manifest's accuracy (smoke: the first 1 000 test images) is that of the weights saved beside it."""
     assert main(["train", "classifier", "--smoke", "--out-dir", str(tmp_path)]) == 0
-    assert (tmp_path / "classifier.pt").is_file()
+    model, manifest = registry.load_model("classifier", tmp_path)
+    x, y = mnist("test")
+    assert manifest.metrics["test_accuracy"] == pytest.approx(accuracy(model, x[:1000], y[:1000]), abs=1e-9)

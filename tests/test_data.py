@@ -158,7 +158,7 @@ def test_missing_files_give_clear_error(tmp_path):
 def test_dynamic_binarization_is_fresh_each_epoch_and_unbiased(generator):
     x, _ = data.mnist("test")
     x = x[:500]
-    batches = data.dynamic_binarized_batches(x, 500, generator)
+    batches = data.batches(x, batch_size=500, generator=generator, transform=data.binarize)
     a, b = next(batches), next(batches)
     assert set(a.unique().tolist()) <= {0.0, 1.0}
     assert not torch.equal(a.sum(0), b.sum(0))  # another draw (and order) each epoch

@@ -21,8 +21,8 @@ from agm.diffusion.ddpm import (
 )
 from agm.diffusion.samplers import ancestral_sample, ddim_sample, ddim_step
 from agm.diffusion.schedule import NoiseSchedule, ScheduleConfig
-from agm.nn.unet import UNetConfig
 from agm.metrics import nats_to_bits_per_dim
+from agm.nn.unet import UNetConfig
 from agm.train import EMA
 
 

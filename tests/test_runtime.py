@@ -87,7 +87,8 @@ def test_logs_of_the_loss_reach_the_history_and_on_step():
         return loss, {"half": loss.detach() / 2, "per_example": torch.ones(8)}
 
     history = train_loop(model, loss_fn, iter(lambda: batch, None), torch.optim.SGD(model.parameters(), 0.1),
-                         steps=4, log_every=2, on_step=lambda step, logs: seen.append((step, logs["per_example"].shape)))
+                         steps=4, log_every=2,
+                         on_step=lambda step, logs: seen.append((step, logs["per_example"].shape)))
     assert [h["step"] for h in history] == [2, 4]
     assert all(h["half"] == pytest.approx(h["loss"] / 2) for h in history)
     assert "per_example" not in history[0]  # only scalars enter the history

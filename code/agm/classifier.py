@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agm.data import minibatches, mnist
+from agm.data import batches, mnist
 from agm.registry import ModelSpec, TrainResult, register
 from agm.runtime import budget, device
 from agm.train import train_loop
@@ -82,9 +82,9 @@ def classification_loss(model: MNISTClassifier, batch: tuple[torch.Tensor, torch
 
 
 def augmented_batches(x, y, config: ClassifierConfig, generator: torch.Generator, dev: torch.device):
-    """One epoch of shuffled, randomly shifted batches."""
-    for idx in minibatches(len(x), config.batch_size, generator):
-        yield random_shift(x[idx], config.max_shift, generator).to(dev), y[idx].to(dev)
+    """One epoch of shuffled, randomly shifted batches (agm.data.batches with a random-shift transform)."""
+    return batches(x, y, batch_size=config.batch_size, generator=generator, device=dev, epochs=1,
+                   transform=lambda images, g: random_shift(images, config.max_shift, g))
 
 
 def fit(config: ClassifierConfig, n_train: int | None = None, log=print) -> MNISTClassifier:
@@ -103,7 +103,7 @@ def fit(config: ClassifierConfig, n_train: int | None = None, log=print) -> MNIS
     best, best_state = -1.0, None
     for epoch in range(config.epochs):
         train_loop(model, classification_loss, augmented_batches(x, y, config, generator, dev), opt,
-                   steps=per_epoch, log_every=per_epoch, desc=f"epoch {epoch + 1}", on_step=lambda _: sched.step())
+                   steps=per_epoch, log_every=per_epoch, desc=f"epoch {epoch + 1}", scheduler=sched)
         val = accuracy(model, xv, yv)
         log(f"epoch {epoch + 1}/{config.epochs}: validation accuracy {val:.4f}")
         if val > best:

@@ -30,6 +30,12 @@ def diagonal_gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor, mean2: torch.
     return gaussian_kl(mean, logvar, mean2, logvar2).sum(-1)
 
 
+def gaussian_kl_to_standard(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag e^logvar) || N(0, I)) per row, in nats: the special case the VAE's ELBO needs."""
+    # $\mathrm{KL} = \tfrac12 \sum_j \big(\mu_j^2 + \sigma_j^2 - \log\sigma_j^2 - 1\big)$
+    return 0.5 * (mu**2 + logvar.exp() - logvar - 1).sum(-1)
+
+
 def diagonal_gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor | float = 0.0,
                                logvar: torch.Tensor | float = 0.0) -> torch.Tensor:
     """log N(z; mean, diag e^logvar) summed over the last dimension; the defaults are N(0, I)."""

@@ -11,11 +11,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from agm.data import check_images
-from agm.registry import ModelSpec, TrainResult, register
+from agm.distributions import bernoulli_log_likelihood, diagonal_gaussian_log_prob, gaussian_kl_to_standard
+from agm.registry import ModelSpec, TrainResult, refuse_labels, register
 from agm.vae.bounds import iwae_bound_from_log_weights
 
 
@@ -64,15 +64,10 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, mean: bool = True) -> torch.Tensor:
         """z ~ N(0, I), then the decoder's pixel probabilities (``mean``) or one Bernoulli draw of them."""
-        z = torch.randn(n, self.config.latent_dim, generator=generator)
-        probs = torch.sigmoid(self.decode(z))
+        dev = next(self.parameters()).device
+        z = torch.randn(n, self.config.latent_dim, generator=generator).to(dev)  # drawn on the CPU generator
+        probs = torch.sigmoid(self.decode(z)).cpu()
         return probs if mean else torch.bernoulli(probs, generator=generator)
-
-
-def gaussian_kl_to_standard(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, diag e^logvar) || N(0, I)) per row, in nats."""
-    # $\mathrm{KL} = \tfrac12 \sum_j \big(\mu_j^2 + \sigma_j^2 - \log\sigma_j^2 - 1\big)$
-    return 0.5 * (mu**2 + logvar.exp() - logvar - 1).sum(-1)
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, k: int = 1,
@@ -80,11 +75,6 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, k: int = 1,
     """k draws z = mu + sigma * eps, eps ~ N(0, I): (k, B, L), differentiable in mu and logvar."""
     eps = torch.randn((k, *mu.shape), generator=generator).to(mu.device)
     return mu + (0.5 * logvar).exp() * eps
-
-
-def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) summed over pixels; logits (..., B, 1, 28, 28) broadcast against x (B, 1, 28, 28)."""
-    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").flatten(-3).sum(-1)
 
 
 def elbo_terms(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -132,8 +122,8 @@ def log_importance_weights(model: VAE, x: torch.Tensor, k: int,
         raise ValueError(f"k must be >= 1, got {k}")
     mu, logvar = model.encode(x)
     z = reparameterize(mu, logvar, k, generator)  # (k, B, L)
-    log_prior = -0.5 * (z**2 + math.log(2 * math.pi)).sum(-1)
-    log_q = -0.5 * ((z - mu) ** 2 / logvar.exp() + logvar + math.log(2 * math.pi)).sum(-1)
+    log_prior = diagonal_gaussian_log_prob(z)  # log N(z; 0, I)
+    log_q = diagonal_gaussian_log_prob(z, mu, logvar)  # log q(z | x)
     return bernoulli_log_likelihood(model.decode(z), x) + log_prior - log_q
 
 
@@ -162,22 +152,25 @@ def importance_sampled_log_likelihood(model: VAE, x: torch.Tensor, k: int = 5000
 
 def fit(config: VAEConfig, log=print, log_every: int = 600) -> tuple[VAE, list[dict[str, float]]]:
     """Adam on the 60 000 training images, re-binarized at every use (dynamic binarization)."""
-    from agm.data import dynamic_binarized_batches, mnist
+    from agm.data import batches, binarize, mnist
+    from agm.runtime import device
     from agm.train import train_loop
 
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     x, _ = mnist("trainval")
-    model = VAE(config)
+    dev = device()
+    model = VAE(config).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     steps = config.epochs * math.ceil(len(x) / config.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=config.lr_final)
     history = train_loop(model, lambda m, batch: loss(m, batch, generator),
-                         dynamic_binarized_batches(x, config.batch_size, generator), optimizer, steps,
+                         batches(x, batch_size=config.batch_size, generator=generator, transform=binarize, device=dev),
+                         optimizer, steps,
                          log_every=log_every, desc=f"vae k={config.k} beta={config.beta}",
-                         on_step=lambda step: schedule.step())
+                         scheduler=schedule)
     log(f"vae: {steps} steps, final loss {history[-1]['loss']:.2f}")
-    return model.eval(), history
+    return model.cpu().eval(), history
 
 
 # -- the registered models ---------------------------------------------------------------------------
@@ -237,6 +230,7 @@ def evaluate_full(model: VAE) -> dict[str, float]:
 
 def sample(model: VAE, n: int, generator: torch.Generator, labels=None, mean: bool = True) -> torch.Tensor:
     """``sample vae``: decoder means (pixel probabilities) by default, or one Bernoulli draw of them."""
+    refuse_labels(labels)
     return model.sample(n, generator, mean=mean)
 
 

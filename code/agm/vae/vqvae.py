@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agm.data import binarize, binarized_test_set, check_images, minibatches, mnist
-from agm.registry import ModelSpec, TrainResult, register
+from agm.data import batches, binarize, binarized_test_set, check_images, mnist
+from agm.distributions import bernoulli_log_likelihood, mean_and_standard_error
+from agm.registry import ModelSpec, TrainResult, refuse_labels, register
 from agm.runtime import budget, device
 from agm.train import train_loop
 from agm.vae.code_prior import CodePrior, CodePriorConfig
-from agm.vae.vae import bernoulli_log_likelihood
 
 GRID = 7  # the code grid is GRID x GRID: two stride-2 convolutions take 28 -> 14 -> 7
 CODEBOOK_UPDATES = ("ema", "loss")
@@ -291,52 +291,47 @@ def fit_autoencoder(model: VQVAE, x: torch.Tensor, generator: torch.Generator, l
     params = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("prior.")]
     optimizer = torch.optim.Adam(params, lr=c.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, c.steps, eta_min=c.lr / 10)
-    batches = training_pairs(x, c.batch_size, c.target, generator, dev)
-    last: dict[str, torch.Tensor] = {}
+    data = training_pairs(x, c.batch_size, c.target, generator, dev)
     history: list[dict[str, float]] = []
     restarts, start = 0, time.perf_counter()
 
-    def loss_fn(m: VQVAE, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        total, terms = loss(m, *batch)
-        last.update(terms)
-        return total
-
-    def on_step(step: int) -> None:
-        nonlocal restarts
-        schedule.step()
-        restarts += model.quantizer.update(last["z_e"].reshape(-1, c.code_dim), last["indices"].flatten(), generator)
+    def after_step(step: int, logs: dict) -> None:
+        nonlocal restarts  # a running count kept for the log, not a diagnostic passed between functions
+        restarts += model.quantizer.update(logs["z_e"].reshape(-1, c.code_dim), logs["indices"].flatten(), generator)
         if step % log_every == 0 or step == c.steps:
-            counts = code_histogram(last["indices"], c.codebook_size)
-            history.append({"step": step, "distortion": last["distortion"].mean().item(),
-                            "commitment": last["commitment"].mean().item(),
-                            "codebook": last["codebook"].mean().item(), "perplexity": perplexity(counts),
+            counts = code_histogram(logs["indices"], c.codebook_size)
+            history.append({"step": step, "distortion": logs["distortion"].mean().item(),
+                            "commitment": logs["commitment"].mean().item(),
+                            "codebook": logs["codebook"].mean().item(), "perplexity": perplexity(counts),
                             "codes_used": int((counts > 0).sum()), "restarts": restarts})
             log(f"vq-vae step {step}/{c.steps}: distortion {history[-1]['distortion']:.2f} nats, perplexity "
                 f"{history[-1]['perplexity']:.1f}, {time.perf_counter() - start:.0f} s")
 
-    train_loop(model, loss_fn, batches, optimizer, c.steps, log_every=log_every, desc="vq-vae", on_step=on_step)
+    train_loop(model, lambda m, batch: loss(m, *batch), data, optimizer, c.steps, log_every=log_every,
+               desc="vq-vae", on_step=after_step, scheduler=schedule)
     return history
-
-
-def _indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    while True:
-        yield from (idx for idx in minibatches(n, batch_size, generator) if len(idx) == batch_size)
 
 
 def training_pairs(x: torch.Tensor, batch_size: int, target: str, generator: torch.Generator,
                    dev: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (input, target) batches: a fresh binarization of gray images x, and x itself or the input."""
-    for idx in _indices(len(x), batch_size, generator):
-        binary = binarize(x[idx], generator).to(dev)
-        yield binary, (x[idx].to(dev) if target == "gray" else binary)
+
+    def pair(images: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        binary = binarize(images, g)
+        return binary, (images if target == "gray" else binary)
+
+    return batches(x, batch_size=batch_size, generator=generator, transform=pair, device=dev, drop_last=True)
 
 
-@torch.no_grad()
 def code_batches(model: VQVAE, x: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless batches of the code sequences (B, 49) of freshly binarized training images."""
     dev = model.quantizer.codebook.device
-    for idx in _indices(len(x), batch_size, generator):
-        yield model.codes(binarize(x[idx], generator).to(dev)).flatten(1)
+
+    @torch.no_grad()
+    def codes(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return model.codes(binarize(images, g).to(dev)).flatten(1)
+
+    return batches(x, batch_size=batch_size, generator=generator, transform=codes, drop_last=True)
 
 
 def prior_loss(prior: CodePrior, codes: torch.Tensor) -> torch.Tensor:
@@ -352,7 +347,7 @@ def fit_prior(model: VQVAE, x: torch.Tensor, generator: torch.Generator, log=pri
     optimizer = torch.optim.Adam(model.prior.parameters(), lr=c.prior_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, c.prior_steps, eta_min=c.prior_lr / 10)
     history = train_loop(model.prior, prior_loss, code_batches(model, x, c.prior_batch_size, generator), optimizer,
-                         c.prior_steps, log_every=log_every, desc="vq-vae prior", on_step=lambda s: schedule.step())
+                         c.prior_steps, log_every=log_every, desc="vq-vae prior", scheduler=schedule)
     log(f"vq-vae prior: {c.prior_steps} steps, final cross-entropy {history[-1]['loss']:.2f} nats per image")
     return history
 
@@ -391,10 +386,10 @@ def test_report(model: VQVAE, n: int | None = None, batch_size: int = 500) -> di
         codes.append(out["indices"].cpu())
     distortion, rate = torch.cat(distortion), torch.cat(rate)
     bound = distortion + rate
+    bound_mean, bound_se = mean_and_standard_error(bound)
     counts = code_histogram(torch.cat(codes), model.config.codebook_size)
     return {"test_distortion_nats": distortion.mean().item(), "test_prior_rate_nats": rate.mean().item(),
-            "test_nll_bound_nats": bound.mean().item(),
-            "test_nll_bound_nats_se": (bound.std() / math.sqrt(len(bound))).item(),
+            "test_nll_bound_nats": bound_mean, "test_nll_bound_nats_se": bound_se,
             "uniform_prior_rate_nats": GRID * GRID * math.log(model.config.codebook_size),
             "codebook_perplexity": perplexity(counts), "codes_used": int((counts > 0).sum()),
             "test_report_n": len(x)}
@@ -421,6 +416,7 @@ def evaluate(model: VQVAE) -> dict[str, float]:
 def sample(model: VQVAE, n: int, generator: torch.Generator, labels=None, temperature: float = 1.0,
            prior: str = "learned", mean: bool = True, batch_size: int = 1000) -> torch.Tensor:
     """``sample vq-vae``: codes from the prior, decoded to pixel probabilities (or one Bernoulli draw)."""
+    refuse_labels(labels)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     return torch.cat([model.sample(min(batch_size, n - i), generator, temperature, prior, mean)
