@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from agm.data import mnist
+from agm.data import batches, mnist
 from agm.foundations import fdiv
 from agm.registry import ModelSpec, TrainResult, register, unconditional_sample
-from agm.runtime import budget
+from agm.runtime import budget, device
+from agm.train import gradient_step, run_steps
 
 
 @dataclass
@@ -71,8 +72,9 @@ class FGAN(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         self.generator.eval()
-        z = torch.randn(n, self.config.latent_dim, generator=generator)
-        return self.generator(z)
+        dev = next(self.parameters()).device
+        z = torch.randn(n, self.config.latent_dim, generator=generator).to(dev)  # drawn on the CPU generator
+        return self.generator(z).cpu()
 
 
 def critic_loss(model: FGAN, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -87,37 +89,33 @@ def generator_loss(model: FGAN, fake: torch.Tensor) -> torch.Tensor:
 
 def train_step(model: FGAN, opt_g, opt_c, real: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
     """One critic update, then one generator update, on a batch of real images."""
-    z = torch.randn(len(real), model.config.latent_dim, generator=generator)
+    z = torch.randn(len(real), model.config.latent_dim, generator=generator).to(real.device)
     fake = model.generator(z)
-    loss_c = critic_loss(model, real, fake.detach())
-    opt_c.zero_grad(set_to_none=True)
-    loss_c.backward()
-    opt_c.step()
-    loss_g = generator_loss(model, fake)
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    opt_g.step()
-    if not (torch.isfinite(loss_c) and torch.isfinite(loss_g)):
-        raise FloatingPointError(f"f-GAN ({model.config.divergence}): non-finite loss; lower the learning rate")
-    return {"bound": -loss_c.item(), "generator_loss": loss_g.item()}
+    desc = f"f-GAN ({model.config.divergence})"
+    loss_c = gradient_step(critic_loss(model, real, fake.detach()), opt_c, desc=desc)
+    loss_g = gradient_step(generator_loss(model, fake), opt_g, desc=desc)
+    return {"bound": -loss_c, "generator_loss": loss_g}
 
 
 def fit(config: FGANConfig, log_every: int = 500, log=print) -> tuple[FGAN, list[dict[str, float]]]:
+    """Alternating updates through :func:`agm.train.run_steps`, on shuffled epochs of the training images."""
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     x, _ = mnist("trainval")
-    model = FGAN(config).train()
+    dev = device()
+    model = FGAN(config).to(dev)
     betas = (config.beta1, 0.999)
     opt_g = torch.optim.Adam(model.generator.parameters(), lr=config.lr, betas=betas)
     opt_c = torch.optim.Adam(model.critic.parameters(), lr=config.lr, betas=betas)
-    history = []
-    for step in range(1, config.steps + 1):
-        idx = torch.randint(len(x), (config.batch_size,), generator=generator)
-        logs = train_step(model, opt_g, opt_c, x[idx], generator)
+    real = batches(x, batch_size=config.batch_size, generator=generator, device=dev, drop_last=True)
+
+    def report(step: int, logs: dict) -> None:
         if step % log_every == 0 or step == config.steps:
-            history.append({"step": step} | logs)
             log(f"{config.divergence} step {step}: bound {logs['bound']:.4f}")
-    return model.eval(), history
+
+    history = run_steps(lambda step: train_step(model, opt_g, opt_c, next(real), generator), config.steps,
+                        log_every, desc=f"f-GAN ({config.divergence})", on_step=report, modules=[model])
+    return model.cpu().eval(), history
 
 
 def build(config: dict) -> FGAN:
