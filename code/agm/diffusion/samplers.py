@@ -28,6 +28,20 @@ def _chain(schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | None) -> lis
     return [(tau[i], tau[i - 1] if i > 0 else -1) for i in reversed(range(len(tau)))]
 
 
+def walk(schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | None,
+         update: Callable[[torch.Tensor, int, int], torch.Tensor], callback: Callback | None = None) -> torch.Tensor:
+    """x_T -> x_0 by ``update(x, t, s)`` along the chain's (t, s) pairs, with the callback before and after each."""
+    chain = _chain(schedule, x_T, steps)
+    x = x_T
+    if callback is not None:
+        callback(chain[0][0] + 1, x)
+    for t, s in chain:
+        x = update(x, t, s)
+        if callback is not None:
+            callback(s + 1, x)
+    return x
+
+
 def predict_eps(model: nn.Module, x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torch.Tensor:
     """ε_θ(x_t, t[, y]) with t broadcast over the batch."""
     tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
@@ -45,16 +59,12 @@ def ancestral_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tenso
     """
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
-    chain = _chain(schedule, x_T, steps)
-    x = x_T
-    if callback is not None:
-        callback(chain[0][0] + 1, x)
-    for t, s in chain:
-        x, _ = schedule.step(predict_eps(model, x, t, labels), t, x, generator, variance, prev_t=s,
-                             clip_denoised=clip_denoised)
-        if callback is not None:
-            callback(s + 1, x)
-    return x
+
+    def update(x: torch.Tensor, t: int, s: int) -> torch.Tensor:
+        return schedule.step(predict_eps(model, x, t, labels), t, x, generator, variance, prev_t=s,
+                             clip_denoised=clip_denoised)[0]
+
+    return walk(schedule, x_T, steps, update, callback)
 
 
 def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, s: int, x: torch.Tensor, eta: float = 0.0,
@@ -87,15 +97,11 @@ def ddim_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, st
     """DDIM (Song et al., 2021): :func:`ddim_step` along the chain; η = 0 is deterministic."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    chain = _chain(schedule, x_T, steps)
-    x = x_T
-    if callback is not None:
-        callback(chain[0][0] + 1, x)
-    for t, s in chain:
-        x = ddim_step(schedule, predict_eps(model, x, t, labels), t, s, x, eta, clip_denoised, generator)
-        if callback is not None:
-            callback(s + 1, x)
-    return x
+
+    def update(x: torch.Tensor, t: int, s: int) -> torch.Tensor:
+        return ddim_step(schedule, predict_eps(model, x, t, labels), t, s, x, eta, clip_denoised, generator)
+
+    return walk(schedule, x_T, steps, update, callback)
 
 
 SAMPLERS = {"ancestral": ancestral_sample, "ddim": ddim_sample}
