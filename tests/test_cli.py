@@ -77,6 +77,7 @@ def test_evaluate_json_reports_likelihood_and_the_kit(trained, capsys):
         (["train", "no-such-model"], "unknown model"),
         (["evaluate", "no-such-model"], "unknown model"),
         (["evaluate", "bernoulli", "--n", "1"], "--n must be between"),
+        (["evaluate", "bernoulli", "--n", "100"], "--n must be between 129"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):

@@ -33,4 +33,4 @@ def test_train_sample_evaluate(name, tmp_path, monkeypatch, capsys):
     else:
         assert main(["sample", name, "--n", "3", "--out", str(out)]) == 2
         assert "nothing to sample" in capsys.readouterr().err
-    assert main(["evaluate", name, "--json", "--n", "50"]) == 0
+    assert main(["evaluate", name, "--json", "--n", "200"]) == 0

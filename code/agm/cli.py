@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from agm import checkpoint, registry
+from agm.classifier import ClassifierConfig
 from agm.data import DataError, provision
 from agm.runtime import budget, repo_path, seed_everything, set_threads
 
@@ -183,8 +184,10 @@ def all_metrics(spec: registry.ModelSpec, model, n: int | None = None, seed: int
 
 def cmd_evaluate(args) -> int:
     spec = registry.get(args.name)
-    if args.n is not None and not 2 <= args.n <= MAX_SAMPLES:
-        raise UsageError(f"--n must be between 2 and {MAX_SAMPLES}, got {args.n}")
+    # the FID's covariance needs more samples than the classifier has features
+    least = ClassifierConfig().features + 1
+    if args.n is not None and not least <= args.n <= MAX_SAMPLES:
+        raise UsageError(f"--n must be between {least} and {MAX_SAMPLES}, got {args.n}")
     model, _ = registry.load_model(spec.name)
     set_threads()
     if args.full:
