@@ -1,8 +1,13 @@
-"""A one-dimensional mixture of Gaussians pushed through the forward process: everything in closed form.
+"""One-dimensional models in which the diffusion quantities are closed forms.
 
-If x_0 ~ sum_k w_k N(m_k, s_k^2), then x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps is again a mixture,
-sum_k w_k N(sqrt(abar) m_k, abar s_k^2 + 1 - abar); its density and score are exact, which lets
-Chapters 24 and 28 check Tweedie's formula and the minimizer of the ε-MSE against the truth.
+:class:`GaussianMixture1D`: if x_0 ~ sum_k w_k N(m_k, s_k^2), then x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps
+is again a mixture, sum_k w_k N(sqrt(abar) m_k, abar s_k^2 + 1 - abar); its density and score are exact,
+which lets Chapters 24, 28 and 31 check Tweedie's formula, the minimizer of the ε-MSE and the reverse
+transition against the truth.
+
+:class:`LinearGaussianReverse`: a reverse chain whose steps are Gaussian with means linear in x_t; every
+distribution of the chain is Gaussian, so log p(x_0), each term of the DDPM bound and the gap of the
+bound are closed forms (Chapters 26 and 28).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from agm.diffusion.schedule import NoiseSchedule
 
 
 @dataclass
@@ -44,6 +51,119 @@ class GaussianMixture1D:
         return self.log_components(x, abar)[0].logsumexp(1)
 
     def score(self, x: torch.Tensor, abar: float = 1.0) -> torch.Tensor:
-        """d/dx log q_t(x) = sum_k r_k(x) (mu_k - x) / var_k, with responsibilities r_k: (N,)."""
+        r"""The score $\nabla_x \log q_t(x)$ of the mixture noised to level ``abar`` ($\bar\alpha_t$): (N,).
+
+        q_t is the mixture of the components N(mu_k, var_k) of :meth:`log_components`, so its score is
+        the responsibility-weighted average of the components' scores. ``abar`` = 1 is the data itself.
+        """
         log_comp, mu, var = self.log_components(x, abar)
-        return (log_comp.softmax(1) * (-(x.double()[:, None] - mu) / var)).sum(1)
+        # $r_k(x) = \frac{w_k \mathcal N(x; \mu_k, \sigma_k^2)}{\sum_j w_j \mathcal N(x; \mu_j, \sigma_j^2)}$
+        responsibilities = log_comp.softmax(1)  # (N, K)
+        # $\nabla_x \log q_t(x) = \sum_k r_k(x)\,\frac{\mu_k - x}{\sigma_k^2}$
+        return (responsibilities * (mu - x.double()[:, None]) / var).sum(1)
+
+
+def normal_log_density(x: torch.Tensor, mean: torch.Tensor | float, var: torch.Tensor | float) -> torch.Tensor:
+    r"""$\log\mathcal N(x; \mu, \sigma^2)$, elementwise, in float64."""
+    x, mean, var = (torch.as_tensor(v, dtype=torch.float64) for v in (x, mean, var))
+    # $\log\mathcal N(x;\mu,\sigma^2) = -\tfrac12\big(\log 2\pi\sigma^2 + (x-\mu)^2/\sigma^2\big)$
+    return -0.5 * (torch.log(2 * math.pi * var) + (x - mean) ** 2 / var)
+
+
+def _gaussian_kl(mean1, var1, mean2, var2) -> torch.Tensor:
+    # $\mathrm{KL} = \tfrac12\big(\log\frac{\sigma_2^2}{\sigma_1^2} + \frac{\sigma_1^2 + (\mu_1-\mu_2)^2}{\sigma_2^2} - 1\big)$
+    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
+
+
+@dataclass
+class LinearGaussianReverse:
+    """p(x_T) = N(0, 1), p(x_{t-1} | x_t) = N(a_t x_t + b_t, s2_t) on one coordinate.
+
+    Indexed by the code's timesteps t = 0 .. T-1: entry t is the step from x_{t+1} to x_t in the
+    papers' numbering, and entry 0 is the decoder p(x_0 | x_1).
+    """
+
+    a: torch.Tensor  # (T,)
+    b: torch.Tensor  # (T,)
+    s2: torch.Tensor  # (T,), positive
+
+    def __post_init__(self):
+        self.a, self.b, self.s2 = (torch.as_tensor(v, dtype=torch.float64) for v in (self.a, self.b, self.s2))
+        if not (self.a.shape == self.b.shape == self.s2.shape) or self.a.ndim != 1:
+            raise ValueError("a, b and s2 must be 1-D tensors of the same length")
+        if (self.s2 <= 0).any():
+            raise ValueError("the variances s2 must be positive")
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.a)
+
+    def marginal(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of p(x_0), by pushing N(0, 1) down the chain."""
+        mean, var = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+        for t in reversed(range(self.num_timesteps)):
+            # $\mathbb E[x_{t-1}] = a_t \mathbb E[x_t] + b_t$, $\mathrm{Var}[x_{t-1}] = a_t^2 \mathrm{Var}[x_t] + s^2_t$
+            mean, var = self.a[t] * mean + self.b[t], self.a[t] ** 2 * var + self.s2[t]
+        return mean, var
+
+    def log_likelihood(self, x0: torch.Tensor) -> torch.Tensor:
+        """log p(x_0), exact: (N,)."""
+        return normal_log_density(x0, *self.marginal())
+
+    def bound_terms(self, schedule: NoiseSchedule, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The terms of the DDPM bound on -log p(x_0), with every expectation over q(x_t | x_0) in closed form.
+
+        Returns "prior" L_T (N,), "kl" (N, T-1) whose column t-1 is the KL term of code timestep t
+        (L_t in the papers' numbering), "decoder" L_0 = -E log p(x_0 | x_1) (N,) and their sum "total".
+        """
+        if schedule.num_timesteps != self.num_timesteps:
+            raise ValueError(f"the schedule has {schedule.num_timesteps} steps, the chain {self.num_timesteps}")
+        x0 = torch.as_tensor(x0, dtype=torch.float64)[:, None]  # (N, 1)
+        abar, t = schedule.alphas_cumprod, torch.arange(1, self.num_timesteps)
+        # $L_T = \mathrm{KL}\big(\mathcal N(\sqrt{\bar\alpha_T}x_0, 1-\bar\alpha_T)\,\|\,\mathcal N(0, 1)\big)$
+        prior = _gaussian_kl(abar[-1].sqrt() * x0[:, 0], 1 - abar[-1], 0.0, 1.0)
+        # $x_t \sim \mathcal N(m, v)$ with $m = \sqrt{\bar\alpha_t}x_0$, $v = 1 - \bar\alpha_t$
+        m, v = abar[t].sqrt() * x0, 1 - abar[t]  # (N, T-1), (T-1,)
+        # $\tilde\mu_t - \mu_\theta = c_1 x_0 + (c_2 - a_t) x_t - b_t$, whose square has expectation
+        # $(c_1 x_0 + (c_2 - a_t) m - b_t)^2 + (c_2 - a_t)^2 v$
+        c1, c2 = schedule.posterior_mean_coef1[t], schedule.posterior_mean_coef2[t]
+        gap_mean, gap_var = c1 * x0 + (c2 - self.a[t]) * m - self.b[t], (c2 - self.a[t]) ** 2 * v
+        # $\mathbb E\,\mathrm{KL}\big(\mathcal N(\tilde\mu_t, \tilde\beta_t)\,\|\,\mathcal N(\mu_\theta, s^2_t)\big)$
+        kl = _gaussian_kl(0.0, schedule.posterior_variance[t], 0.0, self.s2[t]) + (gap_mean**2 + gap_var) / (2 * self.s2[t])
+        # $L_0 = -\mathbb E_{x_1 \sim \mathcal N(\sqrt{\bar\alpha_1}x_0, 1-\bar\alpha_1)} \log\mathcal N(x_0; a_1 x_1 + b_1, s^2_1)$
+        residual_mean = x0[:, 0] - self.a[0] * abar[0].sqrt() * x0[:, 0] - self.b[0]
+        residual_var = self.a[0] ** 2 * (1 - abar[0])
+        decoder = 0.5 * torch.log(2 * math.pi * self.s2[0]) + (residual_mean**2 + residual_var) / (2 * self.s2[0])
+        return {"prior": prior, "kl": kl, "decoder": decoder, "total": prior + kl.sum(1) + decoder}
+
+    def joint(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (T+1,) and covariance (T+1, T+1) of (x_0, ..., x_T) under p."""
+        T = self.num_timesteps
+        # $x = c + L w$ with $w \sim \mathcal N(0, I_{T+1})$; row T is $x_T = w_T$
+        c, L = torch.zeros(T + 1, dtype=torch.float64), torch.zeros(T + 1, T + 1, dtype=torch.float64)
+        L[T, T] = 1.0
+        for t in reversed(range(T)):
+            # row t is x_t: $x_t = a_t x_{t+1} + b_t + \sqrt{s^2_t}\, w_t$ (code indices, as in ``a``)
+            c[t], L[t] = self.a[t] * c[t + 1] + self.b[t], self.a[t] * L[t + 1]
+            L[t, t] = self.s2[t].sqrt()
+        return c, L @ L.T
+
+    def latent_kl(self, schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
+        r"""$\mathrm{KL}\big(q(x_{1:T} \mid x_0)\,\|\,p(x_{1:T} \mid x_0)\big)$ between the joint Gaussians: (N,).
+
+        By Step 1 of the bound's proof this is exactly the gap: bound - (-log p(x_0)).
+        """
+        x0 = torch.as_tensor(x0, dtype=torch.float64)
+        abar = schedule.alphas_cumprod
+        # $q$: $\mathbb E[x_k] = \sqrt{\bar\alpha_k}x_0$, $\mathrm{Cov}[x_j, x_k] = \sqrt{\bar\alpha_k/\bar\alpha_j}\,(1-\bar\alpha_j)$, $j \le k$
+        j, k = torch.meshgrid(torch.arange(len(abar)), torch.arange(len(abar)), indexing="ij")
+        lo, hi = torch.minimum(j, k), torch.maximum(j, k)
+        cov_q = (abar[hi] / abar[lo]).sqrt() * (1 - abar[lo])
+        # $p(x_{1:T} \mid x_0)$ by Gaussian conditioning: $\mu_{1|0} = \mu_1 + \Sigma_{10}\Sigma_{00}^{-1}(x_0 - \mu_0)$,
+        # $\Sigma_{1|0} = \Sigma_{11} - \Sigma_{10}\Sigma_{00}^{-1}\Sigma_{01}$
+        mean, cov = self.joint()
+        gain = cov[1:, 0] / cov[0, 0]
+        cov_p = cov[1:, 1:] - gain[:, None] * cov[0, 1:][None, :]
+        q = torch.distributions.MultivariateNormal(abar.sqrt() * x0[:, None], covariance_matrix=cov_q)
+        p = torch.distributions.MultivariateNormal(mean[1:] + gain * (x0[:, None] - mean[0]), covariance_matrix=cov_p)
+        return torch.distributions.kl_divergence(q, p)

@@ -1,0 +1,121 @@
+"""The closed-form 1-D models of agm.diffusion.toy against independent references."""
+
+import math
+
+import pytest
+import torch
+
+from agm.diffusion.schedule import NoiseSchedule, ScheduleConfig
+from agm.diffusion.toy import GaussianMixture1D, LinearGaussianReverse, normal_log_density
+from agm.distributions import gaussian_kl
+
+
+def two_bumps() -> GaussianMixture1D:
+    return GaussianMixture1D(torch.tensor([-0.7, 0.6]), torch.tensor([0.15, 0.25]), torch.tensor([0.4, 0.6]))
+
+
+@pytest.mark.parametrize("abar", [1.0, 0.9, 0.3, 1e-3])
+def test_mixture_score_is_the_autograd_derivative_of_the_log_density(abar):
+    """Catches a wrong sign, a missing responsibility or the wrong noised variance in ``score``."""
+    mix = GaussianMixture1D(torch.tensor([-0.8, 0.0, 0.7]), torch.tensor([0.1, 0.2, 0.1]), torch.tensor([0.3, 0.3, 0.4]))
+    x = torch.linspace(-3, 3, 61, dtype=torch.float64).requires_grad_(True)
+    (grad,) = torch.autograd.grad(mix.log_density(x, abar).sum(), x)
+    assert torch.allclose(mix.score(x.detach(), abar), grad, atol=1e-10, rtol=1e-10)
+
+
+def test_mixture_score_properties():
+    """One component gives the Gaussian score; a symmetric mixture an odd score; the score has mean zero."""
+    one = GaussianMixture1D(torch.tensor([0.3]), torch.tensor([0.5]), torch.tensor([1.0]))
+    x = torch.linspace(-2, 2, 9, dtype=torch.float64)
+    abar = 0.6
+    var = abar * 0.25 + 1 - abar
+    assert torch.allclose(one.score(x, abar), -(x - math.sqrt(abar) * 0.3) / var, atol=1e-12)
+    sym = GaussianMixture1D(torch.tensor([-0.5, 0.5]), torch.tensor([0.1, 0.1]), torch.tensor([0.5, 0.5]))
+    assert torch.allclose(sym.score(x, 0.8), -sym.score(-x, 0.8), atol=1e-12)
+    # E_q[d/dx log q] = integral of q' = 0, on a grid wide enough for the tails
+    grid = torch.linspace(-6, 6, 24_001, dtype=torch.float64)
+    mix = two_bumps()
+    mean_score = torch.trapezoid(mix.log_density(grid, 0.5).exp() * mix.score(grid, 0.5), grid)
+    assert abs(mean_score.item()) < 1e-8
+
+
+def small_schedule() -> NoiseSchedule:
+    return NoiseSchedule(ScheduleConfig(num_timesteps=4, beta_start=0.1, beta_end=0.6))
+
+
+def random_chain(seed: int = 3) -> LinearGaussianReverse:
+    g = torch.Generator().manual_seed(seed)
+    return LinearGaussianReverse(0.8 + 0.4 * torch.rand(4, generator=g, dtype=torch.float64),
+                                 0.2 * torch.randn(4, generator=g, dtype=torch.float64),
+                                 0.05 + 0.3 * torch.rand(4, generator=g, dtype=torch.float64))
+
+
+def test_linear_gaussian_bound_terms_match_monte_carlo():
+    """Each closed-form expectation against draws of x_t ~ q(x_t | x_0) and the KL of agm.distributions:
+    catches an off-by-one between the chain's and the schedule's timesteps."""
+    schedule, chain = small_schedule(), random_chain()
+    x0 = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
+    terms = chain.bound_terms(schedule, x0)
+    g = torch.Generator().manual_seed(0)
+    n = 400_000
+    for i, x in enumerate(x0):
+        xs = x.expand(n, 1)
+        for t in range(1, 4):
+            xt = schedule.q_sample(xs, t, torch.randn(n, 1, generator=g, dtype=torch.float64))
+            mean_q, var_q = schedule.q_posterior(xs, xt, torch.tensor(t))
+            kl = gaussian_kl(mean_q.flatten(), var_q.log().flatten(), chain.a[t] * xt.flatten() + chain.b[t],
+                             chain.s2[t].log())
+            assert terms["kl"][i, t - 1].item() == pytest.approx(kl.mean().item(), abs=5 * kl.std().item() / math.sqrt(n))
+        x1 = schedule.q_sample(xs, 0, torch.randn(n, 1, generator=g, dtype=torch.float64)).flatten()
+        decoder = -normal_log_density(x, chain.a[0] * x1 + chain.b[0], chain.s2[0])
+        assert terms["decoder"][i].item() == pytest.approx(decoder.mean().item(), abs=5 * decoder.std().item() / math.sqrt(n))
+        abar_T = schedule.alphas_cumprod[-1]
+        prior = gaussian_kl(abar_T.sqrt() * x, (1 - abar_T).log(), torch.zeros(()), torch.zeros(()))
+        assert terms["prior"][i].item() == pytest.approx(prior.item(), rel=1e-12)
+    assert torch.allclose(terms["total"], terms["prior"] + terms["kl"].sum(1) + terms["decoder"])
+
+
+def test_linear_gaussian_bound_gap_is_the_kl_of_the_latent_chains():
+    """bound - (-log p(x_0)) = KL(q(x_{1:T}|x_0) || p(x_{1:T}|x_0)) >= 0: two independent closed forms agree."""
+    schedule = small_schedule()
+    x0 = torch.linspace(-2, 2, 7, dtype=torch.float64)
+    for seed in range(5):
+        chain = random_chain(seed)
+        gap = chain.bound_terms(schedule, x0)["total"] + chain.log_likelihood(x0)
+        latent = chain.latent_kl(schedule, x0)
+        assert (latent > 0).all()
+        assert torch.allclose(gap, latent, atol=1e-10, rtol=1e-10)
+
+
+def test_linear_gaussian_bound_is_tight_for_the_true_reverse_of_standard_normal_data():
+    """For x_0 ~ N(0, 1) the true reverse step is N(sqrt(alpha_t) x_t, beta_t): the bound equals -log N(x_0; 0, 1)."""
+    schedule = small_schedule()
+    chain = LinearGaussianReverse(schedule.alphas.sqrt(), torch.zeros(4), schedule.betas)
+    mean, var = chain.marginal()
+    assert mean.item() == pytest.approx(0.0, abs=1e-15) and var.item() == pytest.approx(1.0, abs=1e-12)
+    x0 = torch.linspace(-3, 3, 13, dtype=torch.float64)
+    total = chain.bound_terms(schedule, x0)["total"]
+    assert torch.allclose(total, -normal_log_density(x0, 0.0, 1.0), atol=1e-12)
+
+
+def test_linear_gaussian_marginal_matches_joint_and_simulation():
+    chain = random_chain(1)
+    mean, var = chain.marginal()
+    joint_mean, joint_cov = chain.joint()
+    assert joint_mean[0].item() == pytest.approx(mean.item(), abs=1e-12)
+    assert joint_cov[0, 0].item() == pytest.approx(var.item(), abs=1e-12)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200_000, generator=g, dtype=torch.float64)
+    for t in reversed(range(4)):
+        x = chain.a[t] * x + chain.b[t] + chain.s2[t].sqrt() * torch.randn(len(x), generator=g, dtype=torch.float64)
+    assert x.mean().item() == pytest.approx(mean.item(), abs=5 * math.sqrt(var.item() / len(x)))
+    assert x.var().item() == pytest.approx(var.item(), rel=5 * math.sqrt(2 / len(x)))
+
+
+def test_linear_gaussian_refuses_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        LinearGaussianReverse(torch.ones(3), torch.zeros(2), torch.ones(3))
+    with pytest.raises(ValueError, match="positive"):
+        LinearGaussianReverse(torch.ones(3), torch.zeros(3), torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="steps"):
+        LinearGaussianReverse(torch.ones(3), torch.zeros(3), torch.ones(3)).bound_terms(small_schedule(), torch.zeros(1))
