@@ -10,25 +10,22 @@ from agm import checkpoint
 from agm.cli import main
 from agm.data import binarize, mnist
 from agm.vae.code_prior import CodePrior, CodePriorConfig
-from agm.vae.vqvae import (
-    VQVAE,
+from agm.vae.quantizer import (
     VectorQuantizer,
-    VQVAEConfig,
     ema_codebook_update,
-    loss,
     perplexity,
     quantize,
     restart_dead_codes,
     straight_through,
-    training_pairs,
     vq_losses,
 )
+from agm.vae.vqvae import VQVAE, VQVAEConfig, loss, training_pairs
 
 
 def tiny(**kw) -> VQVAE:
     torch.manual_seed(0)
-    config = dict(channels=8, res_blocks=1, codebook_size=6, code_dim=3, prior_width=16, prior_layers=1,
-                  prior_heads=2) | kw
+    config = dict(channels=8, res_blocks=1, codebook_size=6, code_dim=3,
+                  prior=CodePriorConfig(width=16, layers=1, heads=2)) | kw
     return VQVAE(VQVAEConfig(**config))
 
 
@@ -132,7 +129,7 @@ def test_ema_is_the_exponentially_weighted_centroid(generator):
 
 
 def test_dead_codes_are_restarted_at_encoder_outputs(generator):
-    vq = VectorQuantizer(VQVAEConfig(codebook_size=5, code_dim=2, codebook_update="loss", dead_after=3))
+    vq = VectorQuantizer(codebook_size=5, code_dim=2, update="loss", dead_after=3)
     before = vq.codebook.detach().clone()
     z = torch.randn(40, 2, generator=generator)
     idx = torch.zeros(40, dtype=torch.long)  # only code 0 is ever used
@@ -160,7 +157,7 @@ def test_perplexity_of_uniform_and_single_code_histograms():
 
 def test_prior_is_causal(generator):
     torch.manual_seed(0)
-    prior = CodePrior(CodePriorConfig(vocab_size=8, length=49, width=32, layers=2, heads=4)).eval()
+    prior = CodePrior(CodePriorConfig(width=32, layers=2, heads=4), codebook_size=8, length=49).eval()
     codes = torch.randint(8, (2, 49), generator=generator)
     with torch.no_grad():
         base = prior(codes)
@@ -175,7 +172,7 @@ def test_prior_is_causal(generator):
 
 def test_prior_is_a_normalized_distribution():
     torch.manual_seed(0)
-    prior = CodePrior(CodePriorConfig(vocab_size=3, length=3, width=8, layers=1, heads=2)).double().eval()
+    prior = CodePrior(CodePriorConfig(width=8, layers=1, heads=2), codebook_size=3, length=3).double().eval()
     every = torch.tensor(list(itertools.product(range(3), repeat=3)))
     with torch.no_grad():
         assert prior.log_prob(every).exp().sum().item() == pytest.approx(1.0, abs=1e-12)

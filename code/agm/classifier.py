@@ -7,16 +7,22 @@ Trained on the 50 000 images of the ``train`` split (``valid`` picks the best ep
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import batches, mnist
 from agm.registry import ModelSpec, TrainResult, register
 from agm.runtime import budget, device
 from agm.train import train_loop
+
+
+def classifier_training(epochs: int = 8, **changes) -> TrainConfig:
+    """``epochs`` passes in batches of 128; Adam with a one-cycle learning rate peaking at 2e-3."""
+    return TrainConfig(**{"steps": None, "epochs": epochs, "batch_size": 128, "lr": 2e-3} | changes)
 
 
 @dataclass
@@ -24,11 +30,8 @@ class ClassifierConfig:
     width: int = 32  # channels of the first conv block (the second has twice as many)
     features: int = 128  # dimension of the penultimate layer used by FID and precision/recall
     dropout: float = 0.3
-    epochs: int = 8
-    batch_size: int = 128
-    lr: float = 2e-3
     max_shift: int = 2  # training augmentation: random translations of up to this many pixels
-    seed: int = 0
+    train: TrainConfig = field(default_factory=classifier_training)
 
 
 class MNISTClassifier(nn.Module):
@@ -83,29 +86,30 @@ def classification_loss(model: MNISTClassifier, batch: tuple[torch.Tensor, torch
 
 def augmented_batches(x, y, config: ClassifierConfig, generator: torch.Generator, dev: torch.device):
     """One epoch of shuffled, randomly shifted batches (agm.data.batches with a random-shift transform)."""
-    return batches(x, y, batch_size=config.batch_size, generator=generator, device=dev, epochs=1,
+    return batches(x, y, batch_size=config.train.batch_size, generator=generator, device=dev, epochs=1,
                    transform=lambda images, g: random_shift(images, config.max_shift, g))
 
 
 def fit(config: ClassifierConfig, n_train: int | None = None, log=print) -> MNISTClassifier:
     """Adam with a one-cycle learning rate; keeps the weights of the best validation epoch."""
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
+    train = config.train
+    generator = torch.Generator().manual_seed(train.seed)
+    torch.manual_seed(train.seed)
     x, y = mnist("train")
     x, y = x[:n_train], y[:n_train]
     xv, yv = mnist("valid")
     xv, yv = xv[: budget(None, 1000)], yv[: budget(None, 1000)]
     dev = device()
     model = MNISTClassifier(config).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    per_epoch = (len(x) + config.batch_size - 1) // config.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * per_epoch)
+    opt = train.adam(model.parameters())
+    per_epoch = train.total_steps(len(x)) // train.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=train.total_steps(len(x)))
     best, best_state = -1.0, None
-    for epoch in range(config.epochs):
+    for epoch in range(train.epochs):
         train_loop(model, classification_loss, augmented_batches(x, y, config, generator, dev), opt,
                    steps=per_epoch, log_every=per_epoch, desc=f"epoch {epoch + 1}", scheduler=sched)
         val = accuracy(model, xv, yv)
-        log(f"epoch {epoch + 1}/{config.epochs}: validation accuracy {val:.4f}")
+        log(f"epoch {epoch + 1}/{train.epochs}: validation accuracy {val:.4f}")
         if val > best:
             best, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
@@ -113,13 +117,13 @@ def fit(config: ClassifierConfig, n_train: int | None = None, log=print) -> MNIS
 
 
 def build(config: dict) -> MNISTClassifier:
-    return MNISTClassifier(ClassifierConfig(**config))
+    return MNISTClassifier(from_dict(ClassifierConfig, config))
 
 
 def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
-    config = ClassifierConfig(epochs=budget(8, 1), seed=seed)
+    config = ClassifierConfig(train=classifier_training(budget(classifier_training().epochs, 1), seed=seed))
     model = fit(config, n_train=budget(None, 2000))
-    return TrainResult(model, asdict(config), steps=config.epochs)
+    return TrainResult(model, to_dict(config), steps=config.train.epochs)
 
 
 def evaluate(model: MNISTClassifier) -> dict[str, float]:

@@ -9,6 +9,7 @@ every key, so a checkpoint written by one version of a config cannot be read sil
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ T = TypeVar("T")
 class TrainConfig:
     """How a model is optimized; apart from what it is."""
 
-    steps: int = 1000  # optimizer steps (or epochs, where a model says so)
+    steps: int | None = 1000  # optimizer steps; None when the run is counted in epochs
     batch_size: int = 128
     lr: float = 1e-3  # Adam's learning rate
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decays; GANs use beta_1 = 0.5 (Radford et al.)
@@ -31,15 +32,30 @@ class TrainConfig:
     grad_clip: float | None = None  # bound on the global gradient norm
     ema_decay: float | None = None  # exponential moving average of the weights; None = none
     seed: int = 0
+    epochs: int | None = None  # passes over the training set, for a model that counts them (then steps is None)
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"give exactly one of steps and epochs, got steps={self.steps}, epochs={self.epochs}")
+        if (self.steps or self.epochs) < 1 or self.batch_size < 1:
+            raise ValueError(f"steps, epochs and batch_size must be positive, got {self}")
+
+    def total_steps(self, examples: int | None = None) -> int:
+        """Optimizer steps of the run: ``steps``, or ``epochs`` passes over ``examples`` in batches."""
+        if self.epochs is None:
+            return self.steps
+        if examples is None:
+            raise ValueError("a run counted in epochs needs the number of training examples")
+        return self.epochs * math.ceil(examples / self.batch_size)
 
     def adam(self, parameters) -> torch.optim.Adam:
         return torch.optim.Adam(parameters, lr=self.lr, betas=self.betas)
 
-    def cosine(self, optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
-        """Cosine decay from lr to lr_final over ``steps`` (None when lr_final is None)."""
+    def cosine(self, optimizer, steps: int | None = None) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """Cosine decay from lr to lr_final over ``steps`` (default: the run's); None when lr_final is None."""
         if self.lr_final is None:
             return None
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.steps, eta_min=self.lr_final)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps or self.total_steps(), eta_min=self.lr_final)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

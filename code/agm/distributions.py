@@ -36,6 +36,16 @@ def gaussian_kl_to_standard(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Ten
     return 0.5 * (mu**2 + logvar.exp() - logvar - 1).sum(-1)
 
 
+def multivariate_gaussian_kl(m1: torch.Tensor, S1: torch.Tensor, m2: torch.Tensor, S2: torch.Tensor) -> torch.Tensor:
+    """KL(N(m1, S1) || N(m2, S2)) for means (N, L) and covariances (L, L) shared by the rows: (N,)."""
+    L = m1.shape[-1]
+    S2_inv = torch.linalg.inv(S2)
+    d = m2 - m1  # (N, L)
+    # $\tfrac12\big[\mathrm{tr}(S_2^{-1}S_1) + d^\top S_2^{-1} d - L + \log\det S_2 - \log\det S_1\big]$
+    return 0.5 * (torch.trace(S2_inv @ S1) + ((d @ S2_inv) * d).sum(-1) - L
+                  + torch.logdet(S2) - torch.logdet(S1))
+
+
 def diagonal_gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor | float = 0.0,
                                logvar: torch.Tensor | float = 0.0) -> torch.Tensor:
     """log N(z; mean, diag e^logvar) summed over the last dimension; the defaults are N(0, I)."""

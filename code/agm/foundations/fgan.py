@@ -7,11 +7,12 @@ points as the saddle point and does not saturate early in training.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import batches, mnist
 from agm.foundations import fdiv
 from agm.registry import ModelSpec, TrainResult, register, unconditional_sample
@@ -19,16 +20,17 @@ from agm.runtime import budget, device
 from agm.train import gradient_step, run_steps
 
 
+def fgan_training(steps: int = 10_000, **changes) -> TrainConfig:
+    """``steps`` alternating critic/generator updates on batches of 64; Adam at 1e-4 with beta_1 = 0.5 (DCGAN)."""
+    return TrainConfig(**{"steps": steps, "batch_size": 64, "lr": 1e-4, "betas": (0.5, 0.999)} | changes)
+
+
 @dataclass
 class FGANConfig:
     divergence: str = "kl"  # a key of agm.foundations.fdiv.DIVERGENCES
     latent_dim: int = 64
     hidden: int = 512
-    steps: int = 10_000  # alternating critic/generator updates
-    batch_size: int = 64
-    lr: float = 1e-4
-    beta1: float = 0.5  # Adam's first-moment decay, as in DCGAN
-    seed: int = 0
+    train: TrainConfig = field(default_factory=fgan_training)  # one optimizer each for critic and generator
 
 
 class Generator(nn.Module):
@@ -99,34 +101,33 @@ def train_step(model: FGAN, opt_g, opt_c, real: torch.Tensor, generator: torch.G
 
 def fit(config: FGANConfig, log_every: int = 500, log=print) -> tuple[FGAN, list[dict[str, float]]]:
     """Alternating updates through :func:`agm.train.run_steps`, on shuffled epochs of the training images."""
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
+    train = config.train
+    generator = torch.Generator().manual_seed(train.seed)
+    torch.manual_seed(train.seed)
     x, _ = mnist("trainval")
     dev = device()
     model = FGAN(config).to(dev)
-    betas = (config.beta1, 0.999)
-    opt_g = torch.optim.Adam(model.generator.parameters(), lr=config.lr, betas=betas)
-    opt_c = torch.optim.Adam(model.critic.parameters(), lr=config.lr, betas=betas)
-    real = batches(x, batch_size=config.batch_size, generator=generator, device=dev, drop_last=True)
+    opt_g, opt_c = train.adam(model.generator.parameters()), train.adam(model.critic.parameters())
+    real = batches(x, batch_size=train.batch_size, generator=generator, device=dev, drop_last=True)
 
     def report(step: int, logs: dict) -> None:
-        if step % log_every == 0 or step == config.steps:
+        if step % log_every == 0 or step == train.steps:
             log(f"{config.divergence} step {step}: bound {logs['bound']:.4f}")
 
-    history = run_steps(lambda step: train_step(model, opt_g, opt_c, next(real), generator), config.steps,
+    history = run_steps(lambda step: train_step(model, opt_g, opt_c, next(real), generator), train.steps,
                         log_every, desc=f"f-GAN ({config.divergence})", on_step=report, modules=[model])
     return model.cpu().eval(), history
 
 
 def build(config: dict) -> FGAN:
-    return FGAN(FGANConfig(**config))
+    return FGAN(from_dict(FGANConfig, config))
 
 
 def trainer(divergence: str):
     def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
-        config = FGANConfig(divergence=divergence, steps=budget(FGANConfig.steps, 30), seed=seed)
+        config = FGANConfig(divergence=divergence, train=fgan_training(budget(fgan_training().steps, 30), seed=seed))
         model, _ = fit(config)
-        return TrainResult(model, asdict(config), steps=config.steps)
+        return TrainResult(model, to_dict(config), steps=config.train.steps)
 
     return train
 

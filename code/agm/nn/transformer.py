@@ -141,6 +141,23 @@ class Transformer(nn.Module):
             h = block(h, cache, layer, offset, qk)
         return self.head(self.ln(h))
 
+    @torch.no_grad()
+    def generate(self, prefix: torch.Tensor, new_tokens: int, generator: torch.Generator | None = None,
+                 temperature: float = 1.0) -> torch.Tensor:
+        """Ancestral sampling of ``new_tokens`` after ``prefix`` (B, T0), one position at a time through a
+        KV cache: x_t ~ softmax(logits_t / temperature). Returns (B, T0 + new_tokens); draws use the CPU
+        ``generator``, so a seed gives the same tokens on any device."""
+        if new_tokens < 1 or temperature <= 0:
+            raise ValueError(f"need new_tokens >= 1 and temperature > 0, got {new_tokens} and {temperature}")
+        cache, tokens = KVCache(), [prefix]
+        logits = self(prefix, cache)[:, -1]  # (B, K)
+        for i in range(new_tokens):
+            probs = (logits.float() / temperature).softmax(-1)
+            tokens.append(torch.multinomial(probs.cpu(), 1, generator=generator).to(prefix.device))  # (B, 1)
+            if i < new_tokens - 1:
+                logits = self(tokens[-1], cache)[:, -1]
+        return torch.cat(tokens, 1)
+
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -11,15 +11,17 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Sequence
-from dataclasses import asdict
 
 import numpy as np
 import torch
 
+from agm.config import to_dict
 from agm.data import check_images
+from agm.distributions import gaussian_kl_to_standard
 from agm.registry import ModelSpec, TrainResult, register
+from agm.train import gradient_step, run_steps
 from agm.vae import vae
-from agm.vae.vae import VAE, VAEConfig, elbo_terms, fit
+from agm.vae.vae import VAE, VAEConfig, elbo_terms, fit, vae_training
 
 BETAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # factors of two on both sides of the ELBO's beta = 1
 CHOSEN_BETA = 4.0  # the sweep's model kept as the checkpoint, for samples and traversals
@@ -66,8 +68,8 @@ def rate_distortion(model: VAE, x: torch.Tensor, generator: torch.Generator | No
 def latent_usage(model: VAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per latent dimension u: activity Var_x(E_q[z_u]) and the mean KL term (its share of the rate), each (L,)."""
     mu, logvar = model.encode(x)  # (N, L), (N, L)
-    # $R_u = \E_x \tfrac12\big(\mu_u^2 + \sigma_u^2 - \log\sigma_u^2 - 1\big)$
-    kl = 0.5 * (mu**2 + logvar.exp() - logvar - 1).mean(0)  # (L,)
+    # $R_u = \E_x \mathrm{KL}\big(\mathcal N(\mu_u, \sigma_u^2) \,\|\, \mathcal N(0, 1)\big)$, one unit at a time
+    kl = gaussian_kl_to_standard(mu.unsqueeze(-1), logvar.unsqueeze(-1)).mean(0)  # (L,)
     return {"activity": mu.var(0), "kl": kl}
 
 
@@ -91,8 +93,10 @@ def traverse(model: VAE, x: torch.Tensor, dims: Sequence[int], values: torch.Ten
 
 
 def sweep(betas: Sequence[float] = BETAS, epochs: int = SWEEP_EPOCHS, x_test: torch.Tensor | None = None,
-          log=print, **fields) -> tuple[dict[float, VAE], list[dict]]:
+          log=print, training: dict | None = None, **fields) -> tuple[dict[float, VAE], list[dict]]:
     """Train one VAE per beta (same seed, same data order) and measure each on the binarized test set.
+
+    ``fields`` are the VAEConfig's architecture fields; ``training`` changes to :func:`vae_training`.
 
     Returns the models by beta and one row per beta: rate, distortion, ELBO, active units, KL per unit.
     """
@@ -103,7 +107,7 @@ def sweep(betas: Sequence[float] = BETAS, epochs: int = SWEEP_EPOCHS, x_test: to
     x_test = binarized_test_set()[0][: budget(10_000, 500)] if x_test is None else x_test
     models, table = {}, []
     for beta in betas:
-        model, history = fit(VAEConfig(beta=beta, epochs=epochs, **fields), log=log)
+        model, history = fit(VAEConfig(beta=beta, train=vae_training(epochs, **(training or {})), **fields), log=log)
         usage = latent_usage(model, x_test)
         row = {"beta": beta, "steps": history[-1]["step"], "final_loss": history[-1]["loss"]}
         row |= rate_distortion(model, x_test, torch.Generator().manual_seed(0))
@@ -154,12 +158,12 @@ def fit_linear_gaussian(betas: Sequence[float], data_var: torch.Tensor, steps: i
     for p in (a, b, logvar):
         p.requires_grad_(True)
     optimizer = torch.optim.Adam([a, b, logvar], lr=lr)
-    for _ in range(steps):
+
+    def step(i: int) -> dict[str, float]:
         rate, distortion = linear_gaussian_terms(a, logvar, b, data_var)  # (m, d) each
-        objective = (distortion + beta * rate).sum()
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        optimizer.step()
+        return {"loss": gradient_step((distortion + beta * rate).sum(), optimizer, desc="linear Gaussian", step=i)}
+
+    run_steps(step, steps, log_every=steps, desc="linear Gaussian beta-VAE")
     rate, distortion = linear_gaussian_terms(a, logvar, b, data_var)
     return rate.detach(), distortion.detach()
 
@@ -198,13 +202,12 @@ def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
     from agm.data import binarized_test_set
     from agm.runtime import budget
 
-    fields = {"hidden": budget(VAEConfig.hidden, SMOKE_HIDDEN), "batch_size": budget(VAEConfig.batch_size, 2000),
-              "seed": seed}
-    models, table = sweep(BETAS, budget(SWEEP_EPOCHS, 1), **fields)
+    models, table = sweep(BETAS, budget(SWEEP_EPOCHS, 1), hidden=budget(VAEConfig.hidden, SMOKE_HIDDEN),
+                          training={"batch_size": budget(100, 2000), "seed": seed})
     model = models[CHOSEN_BETA]
     extra = {"sweep": table, "chosen_beta": CHOSEN_BETA, "sweep_steps": sum(row["steps"] for row in table),
              "gallery": gallery(models, binarized_test_set()[0][:GALLERY], seed)}
-    return TrainResult(model, asdict(model.config), steps=table[BETAS.index(CHOSEN_BETA)]["steps"], extra=extra)
+    return TrainResult(model, to_dict(model.config), steps=table[BETAS.index(CHOSEN_BETA)]["steps"], extra=extra)
 
 
 def evaluate(model: VAE) -> dict[str, float]:

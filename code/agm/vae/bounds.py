@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from agm.distributions import multivariate_gaussian_kl
+
 # -- the importance-weighted bound, from log-weights ----------------------------------------------
 
 
@@ -193,7 +195,7 @@ class LinearGaussian:
         zeros = torch.zeros_like(q_mean)
         eye = torch.eye(self.config.latent_dim, dtype=q_cov.dtype)
         # $\mathcal{L}(q) = \mathbb{E}_q[\log p(x \mid z)] - \mathrm{KL}(q \,\|\, \mathcal{N}(0, I))$
-        return reconstruction - gaussian_kl(q_mean, q_cov, zeros, eye)
+        return reconstruction - multivariate_gaussian_kl(q_mean, q_cov, zeros, eye)
 
     def log_weights(self, x: torch.Tensor, q_mean: torch.Tensor, q_cov: torch.Tensor, n: int,
                     generator: torch.Generator | None = None) -> torch.Tensor:
@@ -205,13 +207,3 @@ class LinearGaussian:
         z = q_mean + eps @ torch.linalg.cholesky(q_cov).T
         q = torch.distributions.MultivariateNormal(q_mean, q_cov)
         return self.log_joint(x, z) - q.log_prob(z)  # (n, N)
-
-
-def gaussian_kl(m1: torch.Tensor, S1: torch.Tensor, m2: torch.Tensor, S2: torch.Tensor) -> torch.Tensor:
-    """KL(N(m1, S1) || N(m2, S2)) for means (N, L) and covariances (L, L) shared by the rows: (N,)."""
-    L = m1.shape[-1]
-    S2_inv = torch.linalg.inv(S2)
-    d = m2 - m1  # (N, L)
-    # $\tfrac12\big[\mathrm{tr}(S_2^{-1}S_1) + d^\top S_2^{-1} d - L + \log\det S_2 - \log\det S_1\big]$
-    return 0.5 * (torch.trace(S2_inv @ S1) + ((d @ S2_inv) * d).sum(-1) - L
-                  + torch.logdet(S2) - torch.logdet(S1))

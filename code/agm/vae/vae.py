@@ -7,16 +7,22 @@ MLP, the prior p(z) = N(0, I). The same network is trained by the ELBO (k = 1), 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import check_images
 from agm.distributions import bernoulli_log_likelihood, diagonal_gaussian_log_prob, gaussian_kl_to_standard
 from agm.registry import ModelSpec, TrainResult, refuse_labels, register
+from agm.train import gradient_step, run_steps, train_loop
 from agm.vae.bounds import iwae_bound_from_log_weights
+
+
+def vae_training(epochs: int = 250, **changes) -> TrainConfig:
+    """Adam at 1e-3 with a cosine decay to 1e-4, batches of 100, ``epochs`` passes over the training images."""
+    return TrainConfig(**{"steps": None, "epochs": epochs, "batch_size": 100, "lr": 1e-3, "lr_final": 1e-4} | changes)
 
 
 @dataclass
@@ -25,11 +31,7 @@ class VAEConfig:
     hidden: tuple[int, ...] = (512, 256)  # encoder widths; the decoder mirrors them
     k: int = 1  # samples per image in the training bound: 1 = ELBO (VAE), > 1 = IWAE
     beta: float = 1.0  # weight of the KL term (Chapter 22); 1 = the ELBO
-    epochs: int = 250  # passes over the 60 000 training images, each freshly binarized
-    batch_size: int = 100
-    lr: float = 1e-3  # Adam; decays along a cosine to lr_final by the last step
-    lr_final: float = 1e-4
-    seed: int = 0
+    train: TrainConfig = field(default_factory=vae_training)  # each pass re-binarizes the images
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -103,13 +105,14 @@ def optimize_local_posterior(model: VAE, x: torch.Tensor, steps: int = 300, samp
         raise ValueError(f"steps and samples must be >= 1, got {steps} and {samples}")
     mu, logvar = (t.detach().clone().requires_grad_(True) for t in model.encode(x))
     optimizer = torch.optim.Adam([mu, logvar], lr=lr)
+
+    def step(i: int) -> dict[str, float]:
+        loss = -elbo_of(model, x, mu, logvar, samples, generator).sum()
+        return {"loss": gradient_step(loss, optimizer, desc="local posterior", step=i)}
+
     model.requires_grad_(False)
     try:
-        for _ in range(steps):
-            loss = -elbo_of(model, x, mu, logvar, samples, generator).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        run_steps(step, steps, log_every=steps, desc="local posterior")
     finally:
         model.requires_grad_(True)
     return mu.detach(), logvar.detach()
@@ -154,21 +157,20 @@ def fit(config: VAEConfig, log=print, log_every: int = 600) -> tuple[VAE, list[d
     """Adam on the 60 000 training images, re-binarized at every use (dynamic binarization)."""
     from agm.data import batches, binarize, mnist
     from agm.runtime import device
-    from agm.train import train_loop
 
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
+    train = config.train
+    generator = torch.Generator().manual_seed(train.seed)
+    torch.manual_seed(train.seed)
     x, _ = mnist("trainval")
     dev = device()
     model = VAE(config).to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    steps = config.epochs * math.ceil(len(x) / config.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=config.lr_final)
+    optimizer = train.adam(model.parameters())
+    steps = train.total_steps(len(x))
     history = train_loop(model, lambda m, batch: loss(m, batch, generator),
-                         batches(x, batch_size=config.batch_size, generator=generator, transform=binarize, device=dev),
+                         batches(x, batch_size=train.batch_size, generator=generator, transform=binarize, device=dev),
                          optimizer, steps,
                          log_every=log_every, desc=f"vae k={config.k} beta={config.beta}",
-                         scheduler=schedule)
+                         scheduler=train.cosine(optimizer, steps))
     log(f"vae: {steps} steps, final loss {history[-1]['loss']:.2f}")
     return model.cpu().eval(), history
 
@@ -197,21 +199,18 @@ def test_nll(model: VAE, n: int | None = None, k: int = NLL_K, seed: int = 0) ->
 
 
 def build(config: dict) -> VAE:
-    return VAE(VAEConfig(**{**config, "hidden": tuple(config["hidden"])}))
+    return VAE(from_dict(VAEConfig, config))
 
 
 def trainer(epochs: int, **fields):
     """``train NAME`` for a VAE with these config fields, trained for ``epochs`` (one in smoke mode)."""
     def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
-        from dataclasses import asdict
-
         from agm.runtime import budget
 
-        config = VAEConfig(epochs=budget(epochs, 1), batch_size=budget(VAEConfig.batch_size, 2000), seed=seed,
-                           **fields)
+        config = VAEConfig(train=vae_training(budget(epochs, 1), batch_size=budget(100, 2000), seed=seed), **fields)
         model, history = fit(config)
         steps = history[-1]["step"]
-        return TrainResult(model, asdict(config), steps=steps, extra={"history": history})
+        return TrainResult(model, to_dict(config), steps=steps, extra={"history": history})
 
     return train
 
@@ -241,7 +240,7 @@ def add_sample_options(parser) -> None:
 
 register(ModelSpec(
     name="vae", chapter=20, summary="VAE: Gaussian encoder, Bernoulli decoder, 32-d latent, trained on the ELBO",
-    build=build, train=trainer(VAEConfig.epochs), sample=sample, evaluate=evaluate,
+    build=build, train=trainer(vae_training().epochs), sample=sample, evaluate=evaluate,
     evaluate_full=evaluate_full, train_minutes=45.0, add_sample_options=add_sample_options,
 ))
 

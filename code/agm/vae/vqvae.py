@@ -15,22 +15,35 @@ import argparse
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import batches, binarize, binarized_test_set, check_images, mnist
 from agm.distributions import bernoulli_log_likelihood, mean_and_standard_error
 from agm.registry import ModelSpec, TrainResult, refuse_labels, register
 from agm.runtime import budget, device
-from agm.train import train_loop
+from agm.train import gradient_step, run_steps, train_loop
 from agm.vae.code_prior import CodePrior, CodePriorConfig
+from agm.vae.quantizer import (
+    CODEBOOK_UPDATES,
+    VectorQuantizer,
+    code_histogram,
+    perplexity,
+    quantize,
+    straight_through,
+    vq_losses,
+)
 
 GRID = 7  # the code grid is GRID x GRID: two stride-2 convolutions take 28 -> 14 -> 7
-CODEBOOK_UPDATES = ("ema", "loss")
 TARGETS = ("gray", "binary")
+
+
+def vqvae_training(steps: int = 5000, **changes) -> TrainConfig:
+    """Adam at 1e-3 with a cosine decay to 1e-4 over ``steps``, batches of 128 (autoencoder and prior alike)."""
+    return TrainConfig(**{"steps": steps, "batch_size": 128, "lr": 1e-3, "lr_final": 1e-4} | changes)
 
 
 @dataclass
@@ -46,86 +59,10 @@ class VQVAEConfig:
     ema_epsilon: float = 1e-5  # Laplace smoothing of the cluster sizes
     dead_after: int = 100  # restart a code unused for this many steps at an encoder output; 0 = never
     target: str = "gray"  # decoder target: "gray" levels (expected NLL of a fresh binarization) or the "binary" input
-    steps: int = 5000
-    batch_size: int = 128
-    lr: float = 1e-3  # Adam; cosine decay to lr / 10 by the last step
-    # the prior over the grid of codes (agm.vae.code_prior)
-    prior_width: int = 96
-    prior_layers: int = 3
-    prior_heads: int = 4
-    prior_steps: int = 5000
-    prior_batch_size: int = 128
-    prior_lr: float = 1e-3  # Adam; cosine decay to prior_lr / 10
-    seed: int = 0
-
-    def prior(self) -> CodePriorConfig:
-        return CodePriorConfig(vocab_size=self.codebook_size, length=GRID * GRID, width=self.prior_width,
-                               layers=self.prior_layers, heads=self.prior_heads)
-
-
-# -- the quantizer, in small functions -------------------------------------------------------------
-
-def quantize(z_e: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest code of every vector: z_e (..., D), codebook (K, D) -> z_q (..., D), indices (...)."""
-    if codebook.ndim != 2 or z_e.shape[-1] != codebook.shape[1]:
-        raise ValueError(f"z_e (..., D) and codebook (K, D) must share D, got {list(z_e.shape)} and "
-                         f"{list(codebook.shape)}")
-    flat = z_e.reshape(-1, codebook.shape[1])  # (N, D)
-    # $\|z - e_k\|^2 = \|z\|^2 - 2 z^\top e_k + \|e_k\|^2$
-    distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.T + codebook.pow(2).sum(1)  # (N, K)
-    # $k(z) = \arg\min_k \|z - e_k\|^2$
-    indices = distances.argmin(1)  # (N,)
-    return codebook[indices].view(z_e.shape), indices.view(z_e.shape[:-1])
-
-
-def straight_through(z_e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
-    """The value of z_q with the gradient of z_e: the decoder's gradient is copied to the encoder."""
-    # $z_e + \mathrm{sg}[z_q - z_e]$
-    return z_e + (z_q - z_e).detach()
-
-
-def vq_losses(z_e: torch.Tensor, z_q: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
-    """The codebook and commitment terms of van den Oord et al. (eq. 3), summed over each image's grid: (B,)."""
-    # $\|\mathrm{sg}[z_e] - z_q\|^2$ moves the codes toward the encoder outputs
-    codebook = (z_e.detach() - z_q).pow(2).flatten(1).sum(1)
-    # $\beta\,\|z_e - \mathrm{sg}[z_q]\|^2$ keeps the encoder outputs near their codes
-    commitment = beta * (z_e - z_q.detach()).pow(2).flatten(1).sum(1)
-    return {"codebook": codebook, "commitment": commitment}
-
-
-@torch.no_grad()
-def ema_codebook_update(cluster_size: torch.Tensor, embed_sum: torch.Tensor, z_e: torch.Tensor,
-                        indices: torch.Tensor, decay: float,
-                        epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One EMA step (the paper's appendix): running counts N (K,), sums m (K, D) -> new (N, m, codebook).
-
-    z_e (N, D) are the batch's encoder outputs, ``indices`` (N,) their nearest codes.
-    """
-    K = len(cluster_size)
-    one_hot = F.one_hot(indices, K).type_as(z_e)  # (N, K)
-    # $N_i \leftarrow \gamma N_i + (1 - \gamma)\, n_i$
-    cluster_size = decay * cluster_size + (1 - decay) * one_hot.sum(0)
-    # $m_i \leftarrow \gamma m_i + (1 - \gamma) \sum_{j: k_j = i} z_{e,j}$
-    embed_sum = decay * embed_sum + (1 - decay) * one_hot.T @ z_e
-    # Laplace smoothing $\tilde N_i = (N_i + \epsilon)\, n / (n + K\epsilon)$, $n = \sum_i N_i$
-    n = cluster_size.sum()
-    smoothed = (cluster_size + epsilon) * n / (n + K * epsilon)
-    # $e_i = m_i / \tilde N_i$
-    return cluster_size, embed_sum, embed_sum / smoothed.unsqueeze(1)
-
-
-def code_histogram(indices: torch.Tensor, K: int) -> torch.Tensor:
-    """How often each of the K codes occurs in ``indices`` (any shape): (K,)."""
-    return torch.bincount(indices.flatten().cpu(), minlength=K)
-
-
-def perplexity(counts: torch.Tensor) -> float:
-    """exp(H(p)) of the histogram p = counts / sum: K for uniform use of K codes, 1 for a single code."""
-    if counts.ndim != 1 or counts.sum() <= 0 or (counts < 0).any():
-        raise ValueError("counts must be a 1-D histogram with a positive total")
-    p = counts.double() / counts.sum()
-    # $\exp\big(-\sum_k p_k \log p_k\big)$
-    return float(torch.exp(-torch.xlogy(p, p).sum()))
+    train: TrainConfig = field(default_factory=vqvae_training)
+    # the prior over the grid of codes (agm.vae.code_prior), trained after the autoencoder
+    prior: CodePriorConfig = field(default_factory=CodePriorConfig)
+    prior_train: TrainConfig = field(default_factory=vqvae_training)
 
 
 # -- the network ------------------------------------------------------------------------------------
@@ -162,50 +99,6 @@ def decoder(config: VQVAEConfig) -> nn.Sequential:
                          nn.ConvTranspose2d(C, 1, 4, stride=2, padding=1))  # 14 -> 28
 
 
-class VectorQuantizer(nn.Module):
-    """The codebook (K, D); the EMA's running counts and sums; how long each code has gone unused."""
-
-    def __init__(self, config: VQVAEConfig):
-        super().__init__()
-        K, D = config.codebook_size, config.code_dim
-        self.config = config
-        # small uniform codes, as in the paper's reference code; a gradient only with the codebook loss
-        self.codebook = nn.Parameter(torch.empty(K, D).uniform_(-1 / K, 1 / K),
-                                     requires_grad=config.codebook_update == "loss")
-        self.register_buffer("cluster_size", torch.ones(K))  # N_i, as if each code had held one vector
-        self.register_buffer("embed_sum", self.codebook.detach().clone())  # m_i
-        self.register_buffer("unused_steps", torch.zeros(K, dtype=torch.long))
-
-    @torch.no_grad()
-    def update(self, z_e: torch.Tensor, indices: torch.Tensor, generator: torch.Generator | None = None) -> int:
-        """After an optimizer step: the EMA step (if configured), then dead-code restarts; returns #restarts."""
-        if self.config.codebook_update == "ema":
-            N, m, e = ema_codebook_update(self.cluster_size, self.embed_sum, z_e, indices, self.config.ema_decay,
-                                          self.config.ema_epsilon)
-            self.cluster_size.copy_(N)
-            self.embed_sum.copy_(m)
-            self.codebook.copy_(e)
-        return restart_dead_codes(self, z_e, indices, self.config.dead_after, generator)
-
-
-@torch.no_grad()
-def restart_dead_codes(vq: VectorQuantizer, z_e: torch.Tensor, indices: torch.Tensor, dead_after: int,
-                       generator: torch.Generator | None = None) -> int:
-    """Count the steps each code has gone unused; move every code unused for ``dead_after`` steps onto
-    a different random encoder output of the batch, z_e (N, D). Returns how many codes moved."""
-    used = torch.bincount(indices, minlength=len(vq.codebook)) > 0  # (K,)
-    vq.unused_steps.add_(1).masked_fill_(used, 0)
-    dead = (vq.unused_steps >= dead_after).nonzero().squeeze(1) if dead_after > 0 else indices[:0]
-    if len(dead) == 0:
-        return 0
-    pick = torch.randperm(len(z_e), generator=generator)[torch.arange(len(dead)) % len(z_e)].to(z_e.device)
-    vq.codebook[dead] = z_e[pick]
-    vq.embed_sum[dead] = z_e[pick]  # the EMA restarts as if the code had held this one vector
-    vq.cluster_size[dead] = 1.0
-    vq.unused_steps[dead] = 0
-    return len(dead)
-
-
 class VQVAE(nn.Module):
     """Encoder, quantizer and decoder, and the prior over the code grid that turns them into a sampler."""
 
@@ -219,9 +112,10 @@ class VQVAE(nn.Module):
             raise ValueError(f"need codebook_size >= 2, code_dim >= 1, beta >= 0, 0 <= ema_decay < 1; got {config}")
         self.config = config
         self.encoder = encoder(config)
-        self.quantizer = VectorQuantizer(config)
+        self.quantizer = VectorQuantizer(config.codebook_size, config.code_dim, config.codebook_update,
+                                         config.ema_decay, config.ema_epsilon, config.dead_after)
         self.decoder = decoder(config)
-        self.prior = CodePrior(config.prior())
+        self.prior = CodePrior(config.prior, config.codebook_size, GRID * GRID)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder outputs z_e, channels last: (B, 7, 7, D)."""
@@ -284,32 +178,37 @@ def loss(model: VQVAE, x: torch.Tensor, target: torch.Tensor | None = None) -> t
     return total.mean(), {k: v.detach() for k, v in terms.items()}
 
 
+def autoencoder_step(model: VQVAE, optimizer: torch.optim.Optimizer, scheduler,
+                     batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> dict[str, float]:
+    """One Adam step on the loss, then the quantizer's EMA step and restarts; the batch's diagnostics."""
+    value, terms = loss(model, *batch)
+    loss_value = gradient_step(value, optimizer, desc="vq-vae")
+    scheduler.step()
+    model.quantizer.update(terms["z_e"].reshape(-1, model.config.code_dim), terms["indices"].flatten(), generator)
+    counts = code_histogram(terms["indices"], model.config.codebook_size)
+    return {"loss": loss_value, "distortion": terms["distortion"].mean().item(),
+            "commitment": terms["commitment"].mean().item(), "codebook": terms["codebook"].mean().item(),
+            "perplexity": perplexity(counts), "codes_used": int((counts > 0).sum()),
+            "restarts": model.quantizer.restarts}
+
+
 def fit_autoencoder(model: VQVAE, x: torch.Tensor, generator: torch.Generator, log=print,
                     log_every: int = 100) -> list[dict[str, float]]:
     """Adam on freshly binarized batches; after every step the quantizer's EMA step and restarts."""
-    c, dev = model.config, model.quantizer.codebook.device
+    c, train, dev = model.config, model.config.train, model.quantizer.codebook.device
     params = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("prior.")]
-    optimizer = torch.optim.Adam(params, lr=c.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, c.steps, eta_min=c.lr / 10)
-    data = training_pairs(x, c.batch_size, c.target, generator, dev)
-    history: list[dict[str, float]] = []
-    restarts, start = 0, time.perf_counter()
+    optimizer = train.adam(params)
+    scheduler = train.cosine(optimizer)
+    data = training_pairs(x, train.batch_size, c.target, generator, dev)
+    start = time.perf_counter()
 
-    def after_step(step: int, logs: dict) -> None:
-        nonlocal restarts  # a running count kept for the log, not a diagnostic passed between functions
-        restarts += model.quantizer.update(logs["z_e"].reshape(-1, c.code_dim), logs["indices"].flatten(), generator)
-        if step % log_every == 0 or step == c.steps:
-            counts = code_histogram(logs["indices"], c.codebook_size)
-            history.append({"step": step, "distortion": logs["distortion"].mean().item(),
-                            "commitment": logs["commitment"].mean().item(),
-                            "codebook": logs["codebook"].mean().item(), "perplexity": perplexity(counts),
-                            "codes_used": int((counts > 0).sum()), "restarts": restarts})
-            log(f"vq-vae step {step}/{c.steps}: distortion {history[-1]['distortion']:.2f} nats, perplexity "
-                f"{history[-1]['perplexity']:.1f}, {time.perf_counter() - start:.0f} s")
+    def report(step: int, logs: dict) -> None:
+        if step % log_every == 0 or step == train.steps:
+            log(f"vq-vae step {step}/{train.steps}: distortion {logs['distortion']:.2f} nats, perplexity "
+                f"{logs['perplexity']:.1f}, {time.perf_counter() - start:.0f} s")
 
-    train_loop(model, lambda m, batch: loss(m, *batch), data, optimizer, c.steps, log_every=log_every,
-               desc="vq-vae", on_step=after_step, scheduler=schedule)
-    return history
+    return run_steps(lambda step: autoencoder_step(model, optimizer, scheduler, next(data), generator), train.steps,
+                     log_every, desc="vq-vae", on_step=report, modules=[model])
 
 
 def training_pairs(x: torch.Tensor, batch_size: int, target: str, generator: torch.Generator,
@@ -342,20 +241,19 @@ def prior_loss(prior: CodePrior, codes: torch.Tensor) -> torch.Tensor:
 def fit_prior(model: VQVAE, x: torch.Tensor, generator: torch.Generator, log=print,
               log_every: int = 100) -> list[dict[str, float]]:
     """The autoencoder frozen, Adam on the prior's cross-entropy of the training set's codes."""
-    c = model.config
+    train = model.config.prior_train
     model.eval()
-    optimizer = torch.optim.Adam(model.prior.parameters(), lr=c.prior_lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, c.prior_steps, eta_min=c.prior_lr / 10)
-    history = train_loop(model.prior, prior_loss, code_batches(model, x, c.prior_batch_size, generator), optimizer,
-                         c.prior_steps, log_every=log_every, desc="vq-vae prior", scheduler=schedule)
-    log(f"vq-vae prior: {c.prior_steps} steps, final cross-entropy {history[-1]['loss']:.2f} nats per image")
+    optimizer = train.adam(model.prior.parameters())
+    history = train_loop(model.prior, prior_loss, code_batches(model, x, train.batch_size, generator), optimizer,
+                         train.steps, log_every=log_every, desc="vq-vae prior", scheduler=train.cosine(optimizer))
+    log(f"vq-vae prior: {train.steps} steps, final cross-entropy {history[-1]['loss']:.2f} nats per image")
     return history
 
 
 def fit(config: VQVAEConfig, log=print, log_every: int = 100) -> tuple[VQVAE, dict]:
     """Train the autoencoder on the 60 000 training images (dynamically binarized), then the prior."""
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.train.seed)
+    torch.manual_seed(config.train.seed)
     x, _ = mnist("trainval")
     model = VQVAE(config).to(device())
     start = time.perf_counter()
@@ -398,15 +296,15 @@ def test_report(model: VQVAE, n: int | None = None, batch_size: int = 500) -> di
 # -- the registered model ---------------------------------------------------------------------------
 
 def build(config: dict) -> VQVAE:
-    return VQVAE(VQVAEConfig(**config))
+    return VQVAE(from_dict(VQVAEConfig, config))
 
 
 def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
-    config = VQVAEConfig(steps=budget(VQVAEConfig.steps, 20), batch_size=budget(VQVAEConfig.batch_size, 32),
-                         prior_steps=budget(VQVAEConfig.prior_steps, 20),
-                         prior_batch_size=budget(VQVAEConfig.prior_batch_size, 32), seed=seed)
+    steps, batch_size = budget(vqvae_training().steps, 20), budget(vqvae_training().batch_size, 32)
+    config = VQVAEConfig(train=vqvae_training(steps, batch_size=batch_size, seed=seed),
+                         prior_train=vqvae_training(steps, batch_size=batch_size, seed=seed))
     model, diagnostics = fit(config, log_every=budget(100, 5))
-    return TrainResult(model, asdict(config), steps=config.steps + config.prior_steps, extra=diagnostics)
+    return TrainResult(model, to_dict(config), steps=config.train.steps + config.prior_train.steps, extra=diagnostics)
 
 
 def evaluate(model: VQVAE) -> dict[str, float]:
@@ -438,5 +336,5 @@ register(ModelSpec(
     add_sample_options=add_sample_options,
 ))
 
-__all__ = ["VQVAE", "VQVAEConfig", "code_histogram", "ema_codebook_update", "fit", "loss", "perplexity", "quantize",
-           "restart_dead_codes", "sample", "straight_through", "test_report", "vq_losses"]
+__all__ = ["VQVAE", "VQVAEConfig", "autoencoder_step", "fit", "fit_autoencoder", "fit_prior", "loss", "sample",
+           "test_report", "vqvae_training"]
