@@ -117,3 +117,18 @@ def test_run_steps_carries_two_optimizers_and_inner_steps():
     assert set(history[0]) == {"step", "critic_loss", "generator_loss"}
     assert critic.weight.item() != c0 and gen.weight.item() != g0
     assert not critic.training and not gen.training
+
+
+def test_ema_along_a_path_matches_the_closed_form():
+    """Without warm-up the average is d^k theta_0 + sum_j (1 - d) d^(k-j) theta_j, and theta_0 keeps d^k."""
+    from agm.train import ema_along
+
+    path = torch.randn(301, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d, k = 0.99, 300
+    closed = d**k * path[0] + ((1 - d) * d ** (k - torch.arange(1, k + 1, dtype=torch.float64)) * path[1:]).sum()
+    average, weight = ema_along(path, d, warmup=False)
+    assert average == pytest.approx(closed.item(), abs=1e-12) and weight == pytest.approx(d**k, rel=1e-12)
+    _, warm_weight = ema_along(path, d, warmup=True)  # warm-up forgets the start faster
+    assert warm_weight < weight
+    with pytest.raises(ValueError, match="at least two"):
+        ema_along(path[:1], d)

@@ -6,6 +6,7 @@
 * A chapter file ``book/<module>/NN-slug.md`` is Chapter NN whichever chapters exist before it:
   Sphinx numbers by position in the table of contents, so its section, figure, equation and
   theorem numbers are rewritten to start with NN.
+* Every chapter ends with a "Cite this chapter" BibTeX entry made from its number and title.
 """
 
 from __future__ import annotations
@@ -51,6 +52,33 @@ def _offer_notebook(app, pagename, templatename, context, doctree) -> None:
         context["ipynb_source"] = f"{pagename}.ipynb"  # read by the theme's download menu
 
 
+BOOK_TITLE = "Advanced Generative Modeling"
+AUTHORS = "{The Advanced Generative Modeling authors}"
+TITLE_LINE = re.compile(r"^# (.+?)\s*$", re.M)
+
+
+def citation_year() -> str:
+    """The year of the book's preferred citation in CITATION.cff (the landing page cites the same)."""
+    text = (Path(__file__).resolve().parents[2] / "CITATION.cff").read_text(encoding="utf-8")
+    return re.findall(r"^\s*year:\s*(\d{4})\s*$", text, re.M)[-1]
+
+
+def chapter_citation(number: int, title: str, year: str) -> str:
+    """The BibTeX entry of Chapter ``number``: an @incollection in the book."""
+    return (f"@incollection{{agm{year}ch{number},\n  title     = {{{title}}},\n  booktitle = {{{BOOK_TITLE}}},\n"
+            f"  chapter   = {{{number}}},\n  author    = {{{AUTHORS}}},\n  year      = {{{year}}}\n}}")
+
+
+def _append_citation(app, docname: str, source: list[str]) -> None:
+    """source-read: a chapter's markdown gains a closing "Cite this chapter" rubric and its entry."""
+    n = chapter_number(docname)
+    title = TITLE_LINE.search(source[0]) if n is not None else None
+    if title is None:
+        return
+    entry = chapter_citation(n, title.group(1), citation_year())
+    source[0] = source[0].rstrip() + f"\n\n```{{rubric}} Cite this chapter\n```\n\n```bibtex\n{entry}\n```\n"
+
+
 def chapter_number(docname: str) -> int | None:
     m = CHAPTER.search(docname)
     return int(m.group(1)) if m else None
@@ -85,6 +113,7 @@ def _renumber(app, env) -> list[str]:
 
 def setup(app):
     app.connect("config-inited", _use_local_mathjax, priority=900)
+    app.connect("source-read", _append_citation)
     app.connect("env-get-updated", _renumber, priority=900)  # after Sphinx's own numbering (500)
     app.connect("html-page-context", _offer_notebook, priority=400)  # before the theme's buttons (501)
     app.connect("build-finished", _copy_mathjax)

@@ -170,3 +170,23 @@ class EMA:
         for avg, b in zip(self.module.buffers(), model.buffers(), strict=True):
             avg.copy_(b)
         self.updates += 1
+
+
+def ema_along(values: torch.Tensor, decay: float, warmup: bool = True) -> tuple[float, float]:
+    """Run :class:`EMA` over a scalar parameter taking ``values[0], values[1], ...`` in turn.
+
+    Returns the final average and the weight the initial value still carries in it: the product of
+    the decays used (1 update per later value). The setting of Chapter 29's warm-up comparison.
+    """
+    if values.ndim != 1 or len(values) < 2:
+        raise ValueError(f"values must be a 1-D tensor of at least two entries, got {list(values.shape)}")
+    param = nn.Parameter(values[:1].clone())
+    holder = nn.ParameterList([param])
+    ema = EMA(holder, decay=decay, warmup=warmup)
+    weight_of_init = 1.0
+    for value in values[1:]:
+        weight_of_init *= ema.current_decay()
+        with torch.no_grad():
+            param.fill_(value)
+        ema.update(holder)
+    return ema.module[0].item(), weight_of_init

@@ -142,7 +142,7 @@ class UNet(nn.Module):
         blocks = iter(self.down)
         for level in range(levels):
             for _ in range(self.config.blocks_per_level):
-                h = next(blocks)(h, emb)
+                h = next(blocks)(h, emb)  # (B, C * multipliers[level], H_level, W_level)
                 hs.append(h)
             if level < levels - 1:
                 h = self.downsample[level](h)  # (B, w, ceil(H/2), ceil(W/2))
@@ -151,12 +151,12 @@ class UNet(nn.Module):
         blocks = iter(self.up)
         for level in range(levels):
             for _ in range(self.config.blocks_per_level + 1):
-                skip = hs.pop()
-                h = next(blocks)(torch.cat([h, skip], dim=1), emb)
+                skip = hs.pop()  # the matching activation of the down path, same H_level x W_level
+                h = next(blocks)(torch.cat([h, skip], dim=1), emb)  # (B, C * multipliers[level], H_level, W_level)
             if level < levels - 1:
                 h = self.upsample[level](h)
                 h = h[..., : hs[-1].shape[-2], : hs[-1].shape[-1]]  # an odd size (7 -> 4 -> 8) is cropped back
-        return self.out(h)
+        return self.out(h)  # (B, in_channels, H, W)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -1,0 +1,102 @@
+"""The chapter standard over every chapter of the book, and each check against a planted violation."""
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from agm.chapter_checks import chapters, page_functions, self_reference, structure, typed_numbers
+
+BOOK = Path(__file__).resolve().parents[1] / "book"
+CHAPTERS = chapters(BOOK)
+# Typed numbers known and not yet glued: file and the numbers of one sentence, one line each. The test
+# fails on any other, and on an entry that no longer occurs, so this list can only shrink.
+BASELINE = Path(__file__).with_name("typed_numbers_baseline.txt")
+# Functions a chapter may define: plotting helpers specific to one figure.
+PLOTTING_HELPERS = frozenset({"draw", "show", "panel", "plot_row"})
+
+GOOD = """---
+jupytext: {}
+---
+
+(ch-example)=
+# An example
+
+The model reaches {glue:text}`nll:.1f` nats on the 10 000 test images {cite}`kingma2014auto`; see
+[Chapter 17](ch-elbo), eq. {eq}`eq-elbo` and $x_{t-1} = 3.5 x_t$ with a 3×3 kernel.
+
+```{code-cell} ipython3
+def short(x):
+    return x + 1
+```
+
+:::{exercise}
+:label: ex-a
+Try 20 steps.
+:::
+
+:::{solution} ex-a
+About 0.5.
+:::
+"""
+
+
+def _entries(path: Path) -> list[str]:
+    return [f"{path.name}\t{message.split(':')[0].removeprefix('typed number(s) ')}"
+            for _, message in typed_numbers(path.read_text(encoding="utf-8"))]
+
+
+def test_there_are_chapters_to_check():
+    assert len(CHAPTERS) >= 24
+
+
+def test_a_clean_chapter_passes_every_check():
+    assert typed_numbers(GOOD) == [] and structure(GOOD) == [] and page_functions(GOOD) == []
+    assert self_reference(GOOD) == []
+
+
+def test_a_typed_number_is_caught_with_its_line():
+    planted = GOOD.replace("Try 20 steps.\n:::", "Try 20 steps.\n:::\n\nThe sampler ran 16 chains at 0.25 s each.")
+    found = typed_numbers(planted)
+    assert len(found) == 1 and "16, 0.25" in found[0][1]
+    assert planted.split("\n")[found[0][0] - 1].startswith("The sampler ran")
+
+
+def test_missing_structure_is_caught():
+    assert any("label" in m for _, m in structure(GOOD.replace("(ch-example)=\n", "")))
+    assert any("cites no source" in m for _, m in structure(GOOD.replace("{cite}`kingma2014auto`", "")))
+    assert any("solutions" in m for _, m in structure(GOOD.replace(":::{solution} ex-a\nAbout 0.5.\n:::\n", "")))
+
+
+def test_an_algorithm_on_the_page_is_caught():
+    body = "".join(f"    y{i} = x + {i}\n" for i in range(8))
+    planted = GOOD.replace("def short(x):\n    return x + 1\n", f"def fit(x):\n{body}    return y0\n")
+    assert [n for n, _ in page_functions(planted)] == [planted.split("\n").index("def fit(x):") + 1]
+    assert page_functions(planted, allowed=frozenset({"fit"})) == []
+
+
+def test_talk_of_goals_is_caught():
+    assert self_reference(GOOD.replace("An example\n", "An example\n\nThis falls short of our target.\n"))
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_every_chapter_meets_the_structure(path):
+    text = path.read_text(encoding="utf-8")
+    problems = structure(text) + self_reference(text)
+    assert not problems, "\n".join(f"{path}:{n}: {m}" for n, m in problems)
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_no_chapter_defines_an_algorithm(path):
+    problems = page_functions(path.read_text(encoding="utf-8"), PLOTTING_HELPERS)
+    assert not problems, "\n".join(f"{path}:{n}: {m}" for n, m in problems)
+
+
+def test_typed_numbers_only_shrink():
+    found = Counter(entry for path in CHAPTERS for entry in _entries(path))
+    known = Counter(line for line in BASELINE.read_text(encoding="utf-8").splitlines() if line.strip())
+    new, gone = found - known, known - found
+    assert not new, "typed numbers (glue them, or compute them on the page):\n" + "\n".join(
+        f"{path}:{n}: {m}" for path in CHAPTERS for n, m in typed_numbers(path.read_text(encoding="utf-8"))
+        if any(e.startswith(path.name + "\t") for e in new))
+    assert not gone, f"glued since the baseline was written; remove from {BASELINE.name}:\n" + "\n".join(gone)
