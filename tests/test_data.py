@@ -186,3 +186,28 @@ def test_dequantize_stays_in_its_bin(generator):
 def test_check_images_rejects_bad_input(bad):
     with pytest.raises(ValueError):
         data.check_images(bad)
+
+
+def test_a_truncated_idx_file_is_refused_before_torchvision_reads_it(tmp_path, monkeypatch, capsys):
+    """A cut-short test-image file names itself and the command that provisions it again, in one line."""
+    from agm.cli import main
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in IDX_FILES:
+        (raw / name).symlink_to(data.raw_dir() / name)
+    (raw / "t10k-images-idx3-ubyte").unlink()
+    (raw / "t10k-images-idx3-ubyte").write_bytes((data.raw_dir() / "t10k-images-idx3-ubyte").read_bytes()[:100_000])
+    data._official.cache_clear()
+    try:
+        with pytest.raises(DataError, match="t10k-images-idx3-ubyte .* corrupt or truncated.*python -m agm data"):
+            data.mnist("test", root=tmp_path)
+        assert data.mnist("train", root=tmp_path)[0].shape == (50_000, 1, 28, 28)  # the intact split still loads
+        monkeypatch.setenv("AGM_DATA", str(tmp_path))
+        data.binarized_test_set.cache_clear()
+        assert main(["evaluate", "bernoulli", "--n", "200"]) == 1  # a data error, as a missing file is
+        err = capsys.readouterr().err
+        assert "corrupt or truncated" in err and err.count("\n") == 1
+    finally:
+        data._official.cache_clear()
+        data.binarized_test_set.cache_clear()

@@ -241,6 +241,11 @@ def _official(train: bool, root: str) -> tuple[torch.Tensor, torch.Tensor]:
     raw = raw_dir(Path(root))
     if not all((raw / n).is_file() for n in IDX_FILES):
         raise DataError(f"MNIST is not in {raw}; run `python -m agm data` (or `make data`) first")
+    prefix = "train" if train else "t10k"
+    bad = [n for n in IDX_FILES if n.startswith(prefix) and not verify_file(raw / n)]
+    if bad:
+        raise DataError(f"{', '.join(bad)} in {raw} is corrupt or truncated (not the official sha256); "
+                        "run `python -m agm data` to provision it again")
     ds = MNIST(root, train=train, download=False)
     return ds.data, ds.targets
 
