@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from agm.diffusion.schedule import NoiseSchedule
+from agm.distributions import gaussian_kl
 
 
 @dataclass
@@ -70,11 +71,6 @@ def normal_log_density(x: torch.Tensor, mean: torch.Tensor | float, var: torch.T
     return -0.5 * (torch.log(2 * math.pi * var) + (x - mean) ** 2 / var)
 
 
-def _gaussian_kl(mean1, var1, mean2, var2) -> torch.Tensor:
-    # $\mathrm{KL} = \tfrac12\big(\log\frac{\sigma_2^2}{\sigma_1^2} + \frac{\sigma_1^2 + (\mu_1-\mu_2)^2}{\sigma_2^2} - 1\big)$
-    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
-
-
 @dataclass
 class LinearGaussianReverse:
     """p(x_T) = N(0, 1), p(x_{t-1} | x_t) = N(a_t x_t + b_t, s2_t) on one coordinate.
@@ -121,7 +117,7 @@ class LinearGaussianReverse:
         x0 = torch.as_tensor(x0, dtype=torch.float64)[:, None]  # (N, 1)
         abar, t = schedule.alphas_cumprod, torch.arange(1, self.num_timesteps)
         # $L_T = \mathrm{KL}\big(\mathcal N(\sqrt{\bar\alpha_T}x_0, 1-\bar\alpha_T)\,\|\,\mathcal N(0, 1)\big)$
-        prior = _gaussian_kl(abar[-1].sqrt() * x0[:, 0], 1 - abar[-1], 0.0, 1.0)
+        prior = gaussian_kl(abar[-1].sqrt() * x0[:, 0], (1 - abar[-1]).log())
         # $x_t \sim \mathcal N(m, v)$ with $m = \sqrt{\bar\alpha_t}x_0$, $v = 1 - \bar\alpha_t$
         m, v = abar[t].sqrt() * x0, 1 - abar[t]  # (N, T-1), (T-1,)
         # $\tilde\mu_t - \mu_\theta = c_1 x_0 + (c_2 - a_t) x_t - b_t$, whose square has expectation
@@ -129,8 +125,10 @@ class LinearGaussianReverse:
         c1, c2 = schedule.posterior_mean_coef1[t], schedule.posterior_mean_coef2[t]
         gap_mean, gap_var = c1 * x0 + (c2 - self.a[t]) * m - self.b[t], (c2 - self.a[t]) ** 2 * v
         # $\mathbb E\,\mathrm{KL}\big(\mathcal N(\tilde\mu_t, \tilde\beta_t)\,\|\,\mathcal N(\mu_\theta, s^2_t)\big)$
-        kl = _gaussian_kl(0.0, schedule.posterior_variance[t], 0.0, self.s2[t]) + (gap_mean**2 + gap_var) / (2 * self.s2[t])
-        # $L_0 = -\mathbb E_{x_1 \sim \mathcal N(\sqrt{\bar\alpha_1}x_0, 1-\bar\alpha_1)} \log\mathcal N(x_0; a_1 x_1 + b_1, s^2_1)$
+        spread = gaussian_kl(torch.zeros_like(self.s2[t]), schedule.posterior_variance[t].log(), 0.0, self.s2[t].log())
+        kl = spread + (gap_mean**2 + gap_var) / (2 * self.s2[t])
+        # $L_0 = -\mathbb E_{x_1 \sim \mathcal N(\sqrt{\bar\alpha_1}x_0, 1-\bar\alpha_1)}
+        #   \log\mathcal N(x_0; a_1 x_1 + b_1, s^2_1)$
         residual_mean = x0[:, 0] - self.a[0] * abar[0].sqrt() * x0[:, 0] - self.b[0]
         residual_var = self.a[0] ** 2 * (1 - abar[0])
         decoder = 0.5 * torch.log(2 * math.pi * self.s2[0]) + (residual_mean**2 + residual_var) / (2 * self.s2[0])
