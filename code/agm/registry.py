@@ -52,6 +52,8 @@ class ModelSpec:
     # (model, n, generator, labels, **options) -> [n, 1, 28, 28] in [0, 1]; None for models that do
     # not generate images (the metrics' classifier, a reward model)
     sample: Callable[..., torch.Tensor] | None = None
+    # what the sampler returns by default, and so what the stored metrics measure
+    samples: str = "gray levels"
     requires: tuple[str, ...] = ()  # checkpoints this model is built on; their sha256 is pinned in its manifest
     conditional: bool = False
     num_classes: int = 10

@@ -304,6 +304,7 @@ register(ModelSpec(
     build=build, train=train, sample=sample, evaluate=evaluate, train_minutes=60.0,
     add_sample_options=add_sample_options, metric_sample_options=lambda: {**METRIC_SAMPLER,
                                                                            "steps": budget(EVAL_STEPS, 5)},
+    samples="gray levels",
 ))
 
 __all__ = ["DDPM", "DDPMConfig", "bits_per_dim", "fit", "noise_prediction_error", "sample", "sample_chain",

@@ -61,4 +61,5 @@ register(ModelSpec(
     build=build, train=train, evaluate=binarized_test_nll,
     sample=unconditional_sample,
     train_minutes=0.1,
+    samples="binary draws",
 ))

@@ -139,4 +139,5 @@ for _name in TRAINED:
         name=f"fgan-{_name}", chapter=4, summary=f"f-GAN on MNIST minimizing the {_name} divergence (MLPs)",
         build=build, train=trainer(_name), evaluate=lambda model: {}, sample=unconditional_sample,
         train_minutes=10.0,
+        samples="generator outputs",
     ))

@@ -137,4 +137,5 @@ register(ModelSpec(
     build=build, train=train, evaluate=binarized_test_nll,
     sample=unconditional_sample,
     train_minutes=1.0,
+    samples="binary draws",
 ))

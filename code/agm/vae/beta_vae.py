@@ -226,4 +226,5 @@ register(ModelSpec(
             f"{CHOSEN_BETA:g}",
     build=vae.build, train=train, sample=vae.sample, evaluate=evaluate, evaluate_full=vae.evaluate_full,
     train_minutes=12.0, add_sample_options=vae.add_sample_options,
+    samples="decoder means",
 ))

@@ -242,6 +242,7 @@ register(ModelSpec(
     name="vae", chapter=20, summary="VAE: Gaussian encoder, Bernoulli decoder, 32-d latent, trained on the ELBO",
     build=build, train=trainer(vae_training().epochs), sample=sample, evaluate=evaluate,
     evaluate_full=evaluate_full, train_minutes=45.0, add_sample_options=add_sample_options,
+    samples="decoder means",
 ))
 
 register(ModelSpec(
@@ -249,10 +250,12 @@ register(ModelSpec(
     summary=f"IWAE: the VAE's network trained on the importance-weighted bound with k = {IWAE_K}",
     build=build, train=trainer(100, k=IWAE_K), sample=sample, evaluate=evaluate,
     evaluate_full=evaluate_full, train_minutes=40.0, add_sample_options=add_sample_options,
+    samples="decoder means",
 ))
 
 register(ModelSpec(
     name="vae-2d", chapter=21, summary="VAE with a 2-D latent space, for the latent-manifold figures",
     build=build, train=trainer(50, latent_dim=2), sample=sample, evaluate=evaluate,
     train_minutes=6.0, add_sample_options=add_sample_options,
+    samples="decoder means",
 ))

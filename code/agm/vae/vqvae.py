@@ -334,6 +334,7 @@ register(ModelSpec(
     summary="VQ-VAE: 7x7 grid of K = 32 codes, EMA codebook, Bernoulli decoder; causal-transformer prior",
     build=build, train=train, sample=sample, evaluate=evaluate, train_minutes=30.0,
     add_sample_options=add_sample_options,
+    samples="decoder means",
 ))
 
 __all__ = ["VQVAE", "VQVAEConfig", "autoencoder_step", "fit", "fit_autoencoder", "fit_prior", "loss", "sample",
