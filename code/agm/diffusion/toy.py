@@ -63,6 +63,23 @@ class GaussianMixture1D:
         # $\nabla_x \log q_t(x) = \sum_k r_k(x)\,\frac{\mu_k - x}{\sigma_k^2}$
         return (responsibilities * (mu - x.double()[:, None]) / var).sum(1)
 
+    def posterior_x0(self, x: torch.Tensor, abar: float) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""$\mathbb E[x_0 \mid x_t = x]$ and $\mathrm{Var}[x_0 \mid x_t = x]$ at noise level ``abar`` < 1: (N,), (N,).
+
+        Within component k, (x_0, x_t) is jointly Gaussian; the posterior is the mixture of the
+        components' Gaussian posteriors with the responsibilities r_k(x) of :meth:`score`.
+        """
+        log_comp, _, var_t = self.log_components(x, abar)
+        r = log_comp.softmax(1)  # (N, K)
+        # $\mathbb E[x_0 \mid x_t, k] = m_k + \frac{\sqrt{\bar\alpha}\,s_k^2}{\sigma_k^2}(x_t - \sqrt{\bar\alpha}\,m_k)$
+        gain = math.sqrt(abar) * self.stds**2 / var_t  # (K,)
+        mean_k = self.means + gain * (x.double()[:, None] - math.sqrt(abar) * self.means)  # (N, K)
+        # $\mathrm{Var}[x_0 \mid x_t, k] = s_k^2 (1 - \bar\alpha) / \sigma_k^2$
+        var_k = self.stds**2 * (1 - abar) / var_t  # (K,)
+        # total mean and variance of the mixture of the posteriors
+        mean = (r * mean_k).sum(1)
+        return mean, (r * (var_k + mean_k**2)).sum(1) - mean**2
+
 
 def normal_log_density(x: torch.Tensor, mean: torch.Tensor | float, var: torch.Tensor | float) -> torch.Tensor:
     r"""$\log\mathcal N(x; \mu, \sigma^2)$, elementwise, in float64."""
