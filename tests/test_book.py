@@ -145,3 +145,17 @@ def test_chapter_numbers_come_from_file_names():
 def test_mathjax_is_shipped_locally():
     assert (mathjax_source() / "tex-mml-chtml.js").is_file()
     assert any((mathjax_source() / "output" / "chtml" / "fonts").rglob("*.woff"))
+
+
+def test_every_chapter_gets_its_bibtex_entry_and_other_pages_none():
+    from agm.sphinx_ext import _append_citation, citation_year
+
+    source = ["---\njupytext: {}\n---\n\n(ch-x)=\n# Jensen's inequality\n\nText.\n"]
+    _append_citation(None, "book/foundations/05-jensen", source)
+    year = citation_year()
+    assert source[0].rstrip().endswith("```") and "```{rubric} Cite this chapter" in source[0]
+    assert f"@incollection{{agm{year}ch5," in source[0] and "title     = {Jensen's inequality}" in source[0]
+    assert "chapter   = {5}" in source[0]
+    other = ["# Results of all models\n"]
+    _append_citation(None, "book/appendix/results", other)
+    assert other == ["# Results of all models\n"]

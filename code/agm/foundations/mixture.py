@@ -119,6 +119,32 @@ def fit_em(
     return history
 
 
+def em_trace(model: BernoulliMixture, x: torch.Tensor, iterations: int) -> list[dict[str, float]]:
+    """EM on fixed images ``x`` from the model's current parameters, measuring the chain of each step.
+
+    Per iteration t and per image: ``log_lik`` = log p(x | theta^t) and ``log_prior`` = log p(theta^t) / N;
+    ``elbo_e`` = F(q^t, theta^t) after the E-step (equal to log_lik); ``elbo_m`` = F(q^t, theta^{t+1})
+    after the M-step; ``log_lik_next`` and ``log_prior_next`` under theta^{t+1}. The theorem of
+    Chapter 16: log_lik + log_prior <= elbo_m + log_prior_next <= log_lik_next + log_prior_next.
+    """
+    rows, n = [], len(x)
+    for _ in range(iterations):
+        resp, log_lik = e_step(model, x)  # q^t = p(z | x, theta^t)
+        row = {"log_lik": log_lik, "log_prior": log_prior(model) / n,
+               "elbo_e": _elbo(model.joint_log_probs(x), resp)}
+        model.log_weights, model.probs = m_step(x, resp, model.config.alpha)
+        joint = model.joint_log_probs(x)  # under theta^{t+1}
+        row |= {"elbo_m": _elbo(joint, resp), "log_lik_next": joint.logsumexp(1).mean().item(),
+                "log_prior_next": log_prior(model) / n}
+        rows.append(row)
+    return rows
+
+
+def _elbo(joint: torch.Tensor, resp: torch.Tensor) -> float:
+    # $F(q, \theta) = \frac1N \sum_n \sum_k q_{nk}\big(\log p(x_n, k \mid \theta) - \log q_{nk}\big)$
+    return ((resp * joint).sum(1) - torch.xlogy(resp, resp).sum(1)).mean().item()
+
+
 def build(config: dict) -> BernoulliMixture:
     return BernoulliMixture(MixtureConfig(**config))
 
