@@ -9,8 +9,8 @@ from agm.results import StaleMetricsError, results_table
 from agm.runtime import checkpoint_dir
 
 
-def test_table_has_every_generative_model_and_the_floor():
-    table = results_table(floor={"fid": 0.1, "n_samples": 10})
+def test_table_has_every_generative_model_and_the_real_data_reference():
+    table = results_table(reference={"fid": 0.1, "n_samples": 10})
     assert table.index[0] == "real training images"
     assert {"bernoulli", "bernoulli-mixture"} <= set(table.index)
     assert "classifier" not in table.index

@@ -97,3 +97,17 @@ def test_bad_inputs_raise(model_and_digits):
         latent_grid(size=1)
     with pytest.raises(ValueError, match="coordinates"):
         grid_log_joint(model, x, torch.zeros(5, 3))
+
+
+def test_grid_peaks_counts_the_modes_above_the_threshold():
+    from agm.vae.latent import grid_peaks
+
+    z = torch.linspace(-4, 4, 81)
+    zz1, zz2 = torch.meshgrid(z, z, indexing="ij")
+    bump = lambda m1, m2, w: w * torch.exp(-((zz1 - m1) ** 2 + (zz2 - m2) ** 2) / 0.5)
+    two = bump(-2, 0, 1.0) + bump(2, 1, 0.5)
+    assert grid_peaks(two.flatten(), 81) == 2
+    assert grid_peaks((bump(-2, 0, 1.0) + bump(2, 1, 0.005)).flatten(), 81) == 1  # below 1 % of the peak
+    assert grid_peaks((bump(-2, 0, 1.0) + bump(2, 1, 0.005)).flatten(), 81, threshold=0.001) == 2
+    with pytest.raises(ValueError, match="cells"):
+        grid_peaks(two.flatten()[:-1], 81)

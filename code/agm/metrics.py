@@ -205,8 +205,9 @@ def sample_metrics(images: torch.Tensor, k: int = 3) -> dict[str, float]:
     }
 
 
-def real_floor(n: int, seed: int = 0) -> dict[str, float]:
-    """The kit on ``n`` real training images: the best any model can hope for at that n."""
+def real_reference(n: int, seed: int = 0) -> dict[str, float]:
+    """The kit on ``n`` random real training images: the real-data reference at that n (not a bound: the
+    test images themselves would score better)."""
     x, _ = mnist("trainval")
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
     return sample_metrics(x[idx])

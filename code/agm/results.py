@@ -50,15 +50,15 @@ def model_rows(classifier_sha256: str) -> list[dict]:
     return rows
 
 
-def results_table(floor: dict[str, float] | None = None, extra_rows: list[dict] = ()) -> pd.DataFrame:
+def results_table(reference: dict[str, float] | None = None, extra_rows: list[dict] = ()) -> pd.DataFrame:
     """One row per generative model (by chapter), then ``extra_rows``; the real-data reference first if given."""
     from agm.metrics import classifier
 
     rows = model_rows(classifier()[1]) + list(extra_rows)
     rows.sort(key=lambda row: (row["chapter"], row["model"].removesuffix(" (binary draws)"), row["model"]))
-    if floor is not None:
+    if reference is not None:
         rows.insert(0, {"model": "real training images", "chapter": float("nan"), "samples": "gray levels"}
-                    | {label: floor.get(key, float("nan")) for key, label in COLUMNS.items()})
+                    | {label: reference.get(key, float("nan")) for key, label in COLUMNS.items()})
     table = pd.DataFrame(rows).set_index("model")
     return table.astype({"chapter": "Int64", COLUMNS["n_samples"]: "Int64", COLUMNS["sample_steps"]: "Int64"})
 

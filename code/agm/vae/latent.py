@@ -98,3 +98,15 @@ def grid_moments(posterior: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor
     z = z.double()
     mean = (posterior[:, None] * z).sum(0)
     return mean, (posterior[:, None] * (z - mean) ** 2).sum(0).sqrt()
+
+
+def grid_peaks(posterior: torch.Tensor, size: int, threshold: float = 0.01) -> int:
+    """Local maxima of a posterior on a size x size grid (its 8 neighbours lower) holding at least
+    ``threshold`` of its largest value: the number of modes it resolves."""
+    if posterior.numel() != size * size:
+        raise ValueError(f"posterior has {posterior.numel()} cells, not {size} x {size}")
+    p = posterior.reshape(size, size)
+    padded = torch.nn.functional.pad(p[None, None], (1, 1, 1, 1), value=-1.0)[0, 0]  # (size + 2, size + 2)
+    neighbours = torch.stack([padded[1 + a : size + 1 + a, 1 + b : size + 1 + b]
+                              for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)])  # (8, size, size)
+    return int(((p > neighbours.max(0).values) & (p > threshold * p.max())).sum())

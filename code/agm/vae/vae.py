@@ -182,6 +182,7 @@ NLL_K = 5000  # importance samples of the book's test NLL (Burda et al. report k
 BURDA_VAE_NLL = 86.76  # VAE trained on the ELBO (k = 1)
 BURDA_IWAE5_NLL = 85.54  # IWAE trained with k = 5
 BURDA_IWAE_NLL = 84.78  # IWAE trained with k = 50
+BURDA_EPOCHS = sum(3**i for i in range(8))  # their schedule: 3^i passes at learning rate 0.001 * 10^(-i/7), i < 8
 IWAE_K = 5  # samples per image in the training bound of the shipped `iwae`
 
 
