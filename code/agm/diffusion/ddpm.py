@@ -178,8 +178,12 @@ def sample_chain(model: DDPM, n: int, generator: torch.Generator | None = None, 
 
 def sample(model: DDPM, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
            steps: int | None = None, variance: str = "beta_tilde", sampler: str = "ancestral", eta: float = 0.0,
-           clip_denoised: bool = True, batch_size: int = 500) -> torch.Tensor:
-    """``spec.sample``: n images in [0, 1] from the chosen sampler, in batches of ``batch_size``."""
+           clip_denoised: bool | None = None, batch_size: int = 500) -> torch.Tensor:
+    """``spec.sample``: n images in [0, 1] from the chosen sampler, in batches of ``batch_size``.
+
+    ``clip_denoised`` None keeps the sampler's own default, the reference implementation's: on for the
+    ancestral and DDIM samplers (Ho et al., diffusers), off for DPM-Solver++.
+    """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if model.config.unet.num_classes == 0:
@@ -190,14 +194,16 @@ def sample(model: DDPM, n: int, generator: torch.Generator | None = None, labels
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
     steps = model.schedule.num_timesteps if steps is None else steps
     model.schedule.timesteps(steps)  # validates steps
-    options = {"variance": variance} if sampler == "ancestral" else {"eta": eta}
+    options = {"ancestral": {"variance": variance}, "ddim": {"eta": eta}}.get(sampler, {})
+    if clip_denoised is not None:
+        options["clip_denoised"] = clip_denoised
     model.eval()
     out = []
     for i in range(0, n, batch_size):
         m = min(batch_size, n - i)
         y = None if labels is None else labels[i : i + m].to(next(model.parameters()).device)
         x = SAMPLERS[sampler](model, model.schedule, draw_noise(model, m, generator), steps,
-                              clip_denoised=clip_denoised, generator=generator, labels=y, **options)
+                              generator=generator, labels=y, **options)
         out.append(to_images(x).cpu())
     return torch.cat(out)
 
@@ -290,13 +296,17 @@ def evaluate(model: DDPM) -> dict[str, float]:
 
 def add_sample_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="ancestral",
-                        help="ancestral (Ho et al., Algorithm 2) or ddim (Song et al., eq. 12)")
+                        help="ancestral (Ho et al., Algorithm 2), ddim (Song et al., eq. 12) or dpmsolver++ "
+                             "(Lu et al., 2022, second-order multistep)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps, 1..T (default: T = 1000)")
     parser.add_argument("--variance", choices=VARIANCES, default="beta_tilde",
                         help="ancestral: variance of p(x_{t-1}|x_t), the posterior's beta~_t or beta_t")
     parser.add_argument("--eta", type=float, default=0.0, help="ddim: 0 = deterministic, 1 = ancestral-like noise")
-    parser.add_argument("--no-clip", dest="clip_denoised", action="store_false",
-                        help="do not clip the predicted x_0 to [-1, 1] (Ho et al. and diffusers clip)")
+    clip = parser.add_mutually_exclusive_group()
+    clip.add_argument("--clip", dest="clip_denoised", action="store_const", const=True, default=None,
+                      help="clip the predicted x_0 to [-1, 1] (the default of ancestral and ddim)")
+    clip.add_argument("--no-clip", dest="clip_denoised", action="store_const", const=False,
+                      help="do not clip the predicted x_0 (the default of dpmsolver++)")
 
 
 register(ModelSpec(

@@ -104,4 +104,44 @@ def ddim_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, st
     return walk(schedule, x_T, steps, update, callback)
 
 
-SAMPLERS = {"ancestral": ancestral_sample, "ddim": ddim_sample}
+@torch.no_grad()
+def dpm_solver_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | None = None,
+                      clip_denoised: bool = False, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
+                      callback: Callback | None = None) -> torch.Tensor:
+    r"""DPM-Solver++(2M) (Lu et al., 2022): the second-order multistep solver of the probability-flow ODE
+    in the data prediction $D_t = \hat x_0(x_t)$ and the log-SNR $\lambda_t = \log(lpha_t/\sigma_t)$.
+
+    The first step is first order (DDIM with η = 0: there is no earlier D yet), and so is the last, to
+    σ = 0, where $\lambda = \infty$ and the step returns $D$ at the final timestep — as diffusers'
+    ``DPMSolverMultistepScheduler`` (``final_sigmas_type="zero"``) does. ``clip_denoised`` is off by
+    default, as there (``thresholding=False``). Deterministic: ``generator`` is accepted for a common
+    signature and unused.
+    """
+    previous: dict[str, torch.Tensor] = {}  # D and lambda of the step before: the memory of a multistep method
+
+    def update(x: torch.Tensor, t: int, s: int) -> torch.Tensor:
+        a_t = schedule.alpha_bar(t).to(x.dtype)
+        alpha_t, sigma_t = a_t.sqrt(), (1 - a_t).sqrt()
+        # $D_t = (x_t - \sigma_t \epsilon_	heta) / lpha_t$
+        d = (x - sigma_t * predict_eps(model, x, t, labels)) / alpha_t
+        if clip_denoised:
+            d = d.clamp(-1, 1)
+        if s < 0:
+            return d  # sigma_s = 0: the first-order step lands on the data prediction
+        a_s = schedule.alpha_bar(s).to(x.dtype)
+        alpha_s, sigma_s = a_s.sqrt(), (1 - a_s).sqrt()
+        lam_t, lam_s = (alpha_t / sigma_t).log(), (alpha_s / sigma_s).log()
+        h = lam_s - lam_t
+        # first order: $x_s = rac{\sigma_s}{\sigma_t} x_t - lpha_s (e^{-h} - 1) D_t$
+        x_next = sigma_s / sigma_t * x - alpha_s * torch.expm1(-h) * d
+        if previous:
+            # second order: $- 	frac12 lpha_s (e^{-h} - 1) (D_t - D_r) / r$, $r = (\lambda_t - \lambda_r) / h$
+            r = (lam_t - previous["lam"]) / h
+            x_next = x_next - 0.5 * alpha_s * torch.expm1(-h) * (d - previous["d"]) / r
+        previous.update(d=d, lam=lam_t)
+        return x_next
+
+    return walk(schedule, x_T, steps, update, callback)
+
+
+SAMPLERS = {"ancestral": ancestral_sample, "ddim": ddim_sample, "dpmsolver++": dpm_solver_sample}
