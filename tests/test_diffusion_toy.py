@@ -17,7 +17,8 @@ def two_bumps() -> GaussianMixture1D:
 @pytest.mark.parametrize("abar", [1.0, 0.9, 0.3, 1e-3])
 def test_mixture_score_is_the_autograd_derivative_of_the_log_density(abar):
     """Catches a wrong sign, a missing responsibility or the wrong noised variance in ``score``."""
-    mix = GaussianMixture1D(torch.tensor([-0.8, 0.0, 0.7]), torch.tensor([0.1, 0.2, 0.1]), torch.tensor([0.3, 0.3, 0.4]))
+    mix = GaussianMixture1D(torch.tensor([-0.8, 0.0, 0.7]), torch.tensor([0.1, 0.2, 0.1]),
+                            torch.tensor([0.3, 0.3, 0.4]))
     x = torch.linspace(-3, 3, 61, dtype=torch.float64).requires_grad_(True)
     (grad,) = torch.autograd.grad(mix.log_density(x, abar).sum(), x)
     assert torch.allclose(mix.score(x.detach(), abar), grad, atol=1e-10, rtol=1e-10)
@@ -83,10 +84,12 @@ def test_linear_gaussian_bound_terms_match_monte_carlo():
             mean_q, var_q = schedule.q_posterior(xs, xt, torch.tensor(t))
             kl = gaussian_kl(mean_q.flatten(), var_q.log().flatten(), chain.a[t] * xt.flatten() + chain.b[t],
                              chain.s2[t].log())
-            assert terms["kl"][i, t - 1].item() == pytest.approx(kl.mean().item(), abs=5 * kl.std().item() / math.sqrt(n))
+            tolerance = 5 * kl.std().item() / math.sqrt(n)
+            assert terms["kl"][i, t - 1].item() == pytest.approx(kl.mean().item(), abs=tolerance)
         x1 = schedule.q_sample(xs, 0, torch.randn(n, 1, generator=g, dtype=torch.float64)).flatten()
         decoder = -normal_log_density(x, chain.a[0] * x1 + chain.b[0], chain.s2[0])
-        assert terms["decoder"][i].item() == pytest.approx(decoder.mean().item(), abs=5 * decoder.std().item() / math.sqrt(n))
+        tolerance = 5 * decoder.std().item() / math.sqrt(n)
+        assert terms["decoder"][i].item() == pytest.approx(decoder.mean().item(), abs=tolerance)
         abar_T = schedule.alphas_cumprod[-1]
         prior = gaussian_kl(abar_T.sqrt() * x, (1 - abar_T).log(), torch.zeros(()), torch.zeros(()))
         assert terms["prior"][i].item() == pytest.approx(prior.item(), rel=1e-12)
@@ -136,4 +139,5 @@ def test_linear_gaussian_refuses_bad_input():
     with pytest.raises(ValueError, match="positive"):
         LinearGaussianReverse(torch.ones(3), torch.zeros(3), torch.tensor([1.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match="steps"):
-        LinearGaussianReverse(torch.ones(3), torch.zeros(3), torch.ones(3)).bound_terms(small_schedule(), torch.zeros(1))
+        chain = LinearGaussianReverse(torch.ones(3), torch.zeros(3), torch.ones(3))
+        chain.bound_terms(small_schedule(), torch.zeros(1))

@@ -137,5 +137,5 @@ def test_em_trace_is_fit_em_with_each_step_measured(images):
         assert r["elbo_e"] == pytest.approx(r["log_lik"], abs=1e-9)  # the E-step closes the gap
         assert r["log_lik"] + r["log_prior"] <= r["elbo_m"] + r["log_prior_next"] + 1e-9  # the M-step
         assert r["elbo_m"] <= r["log_lik_next"] + 1e-9  # Jensen
-    for earlier, later in zip(rows, rows[1:]):
+    for earlier, later in zip(rows, rows[1:], strict=False):
         assert later["log_lik"] == pytest.approx(earlier["log_lik_next"], abs=1e-9)

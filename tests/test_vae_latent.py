@@ -104,7 +104,10 @@ def test_grid_peaks_counts_the_modes_above_the_threshold():
 
     z = torch.linspace(-4, 4, 81)
     zz1, zz2 = torch.meshgrid(z, z, indexing="ij")
-    bump = lambda m1, m2, w: w * torch.exp(-((zz1 - m1) ** 2 + (zz2 - m2) ** 2) / 0.5)
+
+    def bump(m1, m2, w):
+        return w * torch.exp(-((zz1 - m1) ** 2 + (zz2 - m2) ** 2) / 0.5)
+
     two = bump(-2, 0, 1.0) + bump(2, 1, 0.5)
     assert grid_peaks(two.flatten(), 81) == 2
     assert grid_peaks((bump(-2, 0, 1.0) + bump(2, 1, 0.005)).flatten(), 81) == 1  # below 1 % of the peak

@@ -106,7 +106,8 @@ def ddim_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, st
 
 @torch.no_grad()
 def dpm_solver_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | None = None,
-                      clip_denoised: bool = False, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
+                      clip_denoised: bool = False, generator: torch.Generator | None = None,
+                      labels: torch.Tensor | None = None,
                       callback: Callback | None = None) -> torch.Tensor:
     r"""DPM-Solver++(2M) (Lu et al., 2022): the second-order multistep solver of the probability-flow ODE
     in the data prediction $D_t = \hat x_0(x_t)$ and the log-SNR $\lambda_t = \log(lpha_t/\sigma_t)$.

@@ -170,12 +170,14 @@ class LinearGaussianReverse:
         """
         x0 = torch.as_tensor(x0, dtype=torch.float64)
         abar = schedule.alphas_cumprod
-        # $q$: $\mathbb E[x_k] = \sqrt{\bar\alpha_k}x_0$, $\mathrm{Cov}[x_j, x_k] = \sqrt{\bar\alpha_k/\bar\alpha_j}\,(1-\bar\alpha_j)$, $j \le k$
+        # $q$: $\mathbb E[x_k] = \sqrt{\bar\alpha_k}x_0$,
+        #   $\mathrm{Cov}[x_j, x_k] = \sqrt{\bar\alpha_k/\bar\alpha_j}\,(1-\bar\alpha_j)$, $j \le k$
         j, k = torch.meshgrid(torch.arange(len(abar)), torch.arange(len(abar)), indexing="ij")
         lo, hi = torch.minimum(j, k), torch.maximum(j, k)
         cov_q = (abar[hi] / abar[lo]).sqrt() * (1 - abar[lo])
-        # $p(x_{1:T} \mid x_0)$ by Gaussian conditioning: $\mu_{1|0} = \mu_1 + \Sigma_{10}\Sigma_{00}^{-1}(x_0 - \mu_0)$,
-        # $\Sigma_{1|0} = \Sigma_{11} - \Sigma_{10}\Sigma_{00}^{-1}\Sigma_{01}$
+        # $p(x_{1:T} \mid x_0)$ by Gaussian conditioning:
+        #   $\mu_{1|0} = \mu_1 + \Sigma_{10}\Sigma_{00}^{-1}(x_0 - \mu_0)$,
+        #   $\Sigma_{1|0} = \Sigma_{11} - \Sigma_{10}\Sigma_{00}^{-1}\Sigma_{01}$
         mean, cov = self.joint()
         gain = cov[1:, 0] / cov[0, 0]
         cov_p = cov[1:, 1:] - gain[:, None] * cov[0, 1:][None, :]
