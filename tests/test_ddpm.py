@@ -350,20 +350,57 @@ def test_dpm_solver_solves_the_probability_flow_ode_of_gaussian_data():
 
     c = 0.5
     schedule = NoiseSchedule()
+    exact_model = _exact_gaussian_model(schedule, c)
+    x_T = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ab_T = schedule.alphas_cumprod[-1]
+    exact = x_T * c / (ab_T * c**2 + 1 - ab_T).sqrt()
+    def errors(steps):
+        dpm = dpm_solver_sample(exact_model, schedule, x_T, steps)
+        ddim = ddim_sample(exact_model, schedule, x_T, steps, clip_denoised=False)
+        return (dpm - exact).abs().max().item(), (ddim - exact).abs().max().item()
+
+    (dpm_200, ddim_200), (dpm_1000, ddim_1000) = errors(200), errors(1000)
+    assert dpm_200 < ddim_200 / 4 and dpm_1000 < 1e-3
+    assert dpm_200 / dpm_1000 > 12 and 3 < ddim_200 / ddim_1000 < 8  # 5x the steps: ~25x and ~5x
+
+
+def _exact_gaussian_model(schedule: NoiseSchedule, c: float) -> nn.Module:
+    """The exact ε-model of data N(0, c^2 I): E[ε | x_t] = x_t sqrt(1 - ab) / (ab c^2 + 1 - ab)."""
 
     class Exact(nn.Module):
         def forward(self, x, t, labels=None):
             ab = schedule.alphas_cumprod[t].view(-1, 1, 1, 1).to(x.dtype)
             return x * (1 - ab).sqrt() / (ab * c**2 + 1 - ab)
 
-    x_T = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ab_T = schedule.alphas_cumprod[-1]
-    exact = x_T * c / (ab_T * c**2 + 1 - ab_T).sqrt()
-    def errors(steps):
-        dpm = dpm_solver_sample(Exact(), schedule, x_T, steps)
-        ddim = ddim_sample(Exact(), schedule, x_T, steps, clip_denoised=False)
-        return (dpm - exact).abs().max().item(), (ddim - exact).abs().max().item()
+    return Exact()
 
-    (dpm_200, ddim_200), (dpm_1000, ddim_1000) = errors(200), errors(1000)
-    assert dpm_200 < ddim_200 / 4 and dpm_1000 < 1e-3
-    assert dpm_200 / dpm_1000 > 12 and 3 < ddim_200 / ddim_1000 < 8  # 5x the steps: ~25x and ~5x
+
+def test_ddim_inversion_then_decoding_returns_the_input():
+    """Encode x_0 -> x_T and decode with DDIM (η = 0): the round trip's error shrinks with the steps."""
+    from agm.diffusion.samplers import ddim_invert
+
+    schedule = NoiseSchedule()
+    model = _exact_gaussian_model(schedule, 0.5)
+    x0 = 0.5 * torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    errors = {}
+    for steps in (20, 100, 1000):
+        x_T = ddim_invert(model, schedule, x0, steps)
+        back = ddim_sample(model, schedule, x_T, steps, clip_denoised=False)
+        errors[steps] = (back - x0).abs().max().item()
+    assert errors[1000] < 0.02 and errors[1000] < errors[100] < errors[20]
+    times = []
+    ddim_invert(model, schedule, x0, 5, callback=lambda t, x: times.append(t))
+    assert times[0] == 0 and times[-1] == schedule.num_timesteps and times == sorted(times)
+
+
+def test_slerp_keeps_the_norm_and_the_end_points():
+    from agm.diffusion.samplers import slerp
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 1, 28, 28, generator=g), torch.randn(2, 1, 28, 28, generator=g)
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-5) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-5)
+    mid = slerp(a, b, 0.5)
+    assert torch.allclose(mid.flatten(1).norm(dim=1), a.flatten(1).norm(dim=1), rtol=0.05)  # high-dimensional
+    assert (((a + b) / 2).flatten(1).norm(dim=1) < 0.8 * mid.flatten(1).norm(dim=1)).all()  # lerp shrinks
+    with pytest.raises(ValueError, match="one shape"):
+        slerp(a, b[:1], 0.5)

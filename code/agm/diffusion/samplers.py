@@ -145,4 +145,45 @@ def dpm_solver_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tens
     return walk(schedule, x_T, steps, update, callback)
 
 
+@torch.no_grad()
+def ddim_invert(model: nn.Module, schedule: NoiseSchedule, x_0: torch.Tensor, steps: int | None = None,
+                labels: torch.Tensor | None = None, callback: Callback | None = None) -> torch.Tensor:
+    r"""Deterministic DDIM encoding x_0 -> x_T (Song et al., 2021, Sec. 5.4): the η = 0 update run
+    upward through $	au_1 < \dots < 	au_S$, $x_t = \sqrt{arlpha_t}\,\hat x_0 + \sqrt{1-arlpha_t}\,\hat\epsilon$
+    with $\hat\epsilon = \epsilon_	heta(x_s, s)$ taken at the step's start (at $	au_1$ for the first step,
+    from the data). :func:`ddim_sample` with the same ``steps`` and η = 0, unclipped, decodes it back,
+    exactly as the number of steps grows. ``callback(t, x)`` uses the paper's time index.
+    """
+    chain = list(reversed(_chain(schedule, x_0, steps)))  # (t, s) pairs, from the data upward
+    x = x_0
+    if callback is not None:
+        callback(0, x)
+    for t, s in chain:
+        eps = predict_eps(model, x, max(s, chain[0][0]), labels)
+        a_s, a_t = schedule.alpha_bar(s).to(x.dtype), schedule.alpha_bar(t).to(x.dtype)
+        # $\hat x_0 = (x_s - \sqrt{1-\bar\alpha_s}\,\hat\epsilon) / \sqrt{\bar\alpha_s}$ ($\bar\alpha = 1$ at the data)
+        x0 = (x - (1 - a_s).sqrt() * eps) / a_s.sqrt()
+        # $x_t = \sqrt{\bar\alpha_t}\,\hat x_0 + \sqrt{1-\bar\alpha_t}\,\hat\epsilon$
+        x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+        if callback is not None:
+            callback(t + 1, x)
+    return x
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
+    r"""Spherical interpolation of two noise tensors (per example): keeps the norm a Gaussian x_T should have.
+
+    $\mathrm{slerp}(a, b; w) = rac{\sin((1-w)	heta)}{\sin	heta} a + rac{\sin(w	heta)}{\sin	heta} b$,
+    $\cos	heta = \langle a, b
+angle / (\|a\|\|b\|)$ (Shoemake, 1985; Song et al., 2021, Sec. 5.4).
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have one shape, got {list(a.shape)} and {list(b.shape)}")
+    fa, fb = a.flatten(1), b.flatten(1)
+    cos = (fa * fb).sum(1) / (fa.norm(dim=1) * fb.norm(dim=1))
+    theta = cos.clamp(-1, 1).acos()[:, None]  # (B, 1)
+    out = (torch.sin((1 - w) * theta) * fa + torch.sin(w * theta) * fb) / torch.sin(theta)
+    return out.view_as(a)
+
+
 SAMPLERS = {"ancestral": ancestral_sample, "ddim": ddim_sample, "dpmsolver++": dpm_solver_sample}
