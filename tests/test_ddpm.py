@@ -404,3 +404,15 @@ def test_slerp_keeps_the_norm_and_the_end_points():
     assert (((a + b) / 2).flatten(1).norm(dim=1) < 0.8 * mid.flatten(1).norm(dim=1)).all()  # lerp shrinks
     with pytest.raises(ValueError, match="one shape"):
         slerp(a, b[:1], 0.5)
+
+
+@pytest.mark.parametrize("t, s", [(999, 998), (500, 499), (500, 400), (10, -1)])
+def test_ddim_with_eta_one_is_the_ancestral_step(t, s):
+    """η = 1 gives σ² = β̃ of the (respaced) step, and the update is the posterior mean plus that noise."""
+    schedule = NoiseSchedule()
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 1, 28, 28, generator=g), torch.randn(2, 1, 28, 28, generator=g)
+    ddim = ddim_step(schedule, eps, t, s, x, eta=1.0, clip_denoised=False, generator=torch.Generator().manual_seed(4))
+    ancestral = schedule.step(eps, t, x, torch.Generator().manual_seed(4), "beta_tilde", prev_t=s,
+                              clip_denoised=False)[0]
+    assert torch.allclose(ddim, ancestral, atol=1e-5)
