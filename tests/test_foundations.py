@@ -139,3 +139,17 @@ def test_em_trace_is_fit_em_with_each_step_measured(images):
         assert r["elbo_m"] <= r["log_lik_next"] + 1e-9  # Jensen
     for earlier, later in zip(rows, rows[1:], strict=False):
         assert later["log_lik"] == pytest.approx(earlier["log_lik_next"], abs=1e-9)
+
+
+def test_m_step_is_the_stationary_point_of_its_objective(images):
+    from agm.foundations.mixture import initialize, m_step_objective
+
+    x = torch.bernoulli(images.double(), generator=torch.Generator().manual_seed(0))
+    model = BernoulliMixture(MixtureConfig(components=3, alpha=1.0))
+    initialize(model, x, torch.Generator().manual_seed(1))
+    resp, _ = e_step(model, x)
+    log_weights, probs = m_step(x, resp, 1.0)
+    b = log_weights.clone().requires_grad_(True)
+    a = torch.logit(probs.flatten(1)).requires_grad_(True)
+    grads = torch.autograd.grad(m_step_objective(x, resp, b, a, 1.0), [b, a])
+    assert max(g.abs().max().item() for g in grads) < 1e-8 * len(x)

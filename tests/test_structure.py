@@ -187,3 +187,40 @@ def test_load_parents_pins_the_sha256_of_what_it_loaded(monkeypatch):
     parents, pins = registry.load_parents(spec)
     assert set(parents) == {"classifier"} and pins["classifier"] == checkpoint.read_manifest("classifier").sha256
     assert not parents["classifier"].training
+
+
+def test_the_schedule_warms_up_linearly_then_decays_along_a_cosine():
+    from agm.config import TrainConfig
+
+    def rates(**fields):
+        tc = TrainConfig(steps=100, lr=1.0, **fields)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(()))], lr=tc.lr)
+        scheduler = tc.scheduler(opt)
+        seen = []
+        for _ in range(tc.steps):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            scheduler.step()
+        return seen
+
+    assert TrainConfig(steps=10).scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(()))], lr=1.0)) is None
+    warm = rates(warmup_steps=10)
+    assert warm[:3] == pytest.approx([0.1, 0.2, 0.3]) and warm[9:] == pytest.approx([1.0] * 91)
+    both = rates(warmup_steps=10, lr_final=0.1)
+    assert both[9] == pytest.approx(1.0) and both[-1] == pytest.approx(0.1, abs=1e-3)
+    assert both[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    cosine = rates(lr_final=0.1)  # no warm-up: torch's own cosine annealing
+    assert cosine[0] == 1.0 and cosine[50] == pytest.approx(0.55)
+
+
+def test_train_loop_updates_the_ema_after_every_step():
+    from agm.train import EMA, train_loop
+
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.5, warmup=False)
+    start = model.weight.detach().clone()
+    data = iter([torch.ones(4, 2)] * 3)
+    train_loop(model, lambda m, x: m(x).pow(2).mean(), data, torch.optim.SGD(model.parameters(), lr=0.1), 3,
+               ema=ema)
+    assert ema.updates == 3 and not torch.equal(ema.module.weight, start)
+    assert not torch.equal(ema.module.weight, model.weight)  # an average, not a copy

@@ -156,3 +156,15 @@ def test_train_iwae_smoke_trains_on_the_k_sample_bound(tmp_path):
     assert main(["train", "iwae", "--smoke", "--out-dir", str(tmp_path)]) == 0
     manifest = checkpoint.read_manifest("iwae", tmp_path)
     assert manifest.config["k"] == IWAE_K > 1 and manifest.metrics["test_nll_nats"] > 0
+
+
+def test_iwae_bound_curve_rises_with_k_and_respects_the_sample_cap(digits):
+    from agm.vae.vae import iwae_bound_curve
+
+    model = small().eval()
+    curve = iwae_bound_curve(model, digits[:4], [1, 10, 100], repeats=4, max_samples=200,
+                             generator=torch.Generator().manual_seed(0))
+    assert len(curve) == 3 and curve[0] < curve[1] < curve[2]
+    again = iwae_bound_curve(model, digits[:4], [1, 10, 100], repeats=4, max_samples=200,
+                             generator=torch.Generator().manual_seed(0))
+    assert curve == again

@@ -51,11 +51,27 @@ class TrainConfig:
     def adam(self, parameters) -> torch.optim.Adam:
         return torch.optim.Adam(parameters, lr=self.lr, betas=self.betas)
 
-    def cosine(self, optimizer, steps: int | None = None) -> torch.optim.lr_scheduler.LRScheduler | None:
-        """Cosine decay from lr to lr_final over ``steps`` (default: the run's); None when lr_final is None."""
-        if self.lr_final is None:
+    def scheduler(self, optimizer, steps: int | None = None) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """The learning-rate schedule of the run (``steps``: default the run's), or None for a constant rate.
+
+        A linear warm-up over ``warmup_steps`` (factor (s + 1) / warmup_steps at update s), then, when
+        ``lr_final`` is set, a cosine decay from lr to lr_final over the remaining steps.
+        """
+        total = steps or self.total_steps()
+        if self.lr_final is None and self.warmup_steps == 0:
             return None
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps or self.total_steps(), eta_min=self.lr_final)
+        if self.warmup_steps == 0:
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=self.lr_final)
+        final = 1.0 if self.lr_final is None else self.lr_final / self.lr
+
+        def factor(s: int) -> float:
+            if s < self.warmup_steps:
+                return (s + 1) / self.warmup_steps
+            # $f = f_\text{final} + (1 - f_\text{final})\,\tfrac12\big(1 + \cos(\pi\,u)\big)$, u the decay's progress
+            u = min(1.0, (s - self.warmup_steps) / max(1, total - self.warmup_steps))
+            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * u))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -124,11 +124,12 @@ def train_loop(
     on_step: Callable[[int, Logs], None] | None = None,
     grad_clip: float | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ema: EMA | None = None,
 ) -> list[dict[str, float]]:
     """``steps`` optimizer steps of ``loss_fn(model, next(batches))``; returns the logged history.
 
-    The history holds ``loss`` and the scalar logs of the loss function; ``scheduler.step()``
-    follows every update; ``on_step(step, logs)`` runs after it.
+    The history holds ``loss`` and the scalar logs of the loss function; ``scheduler.step()`` and
+    ``ema.update(model)`` follow every update; ``on_step(step, logs)`` runs after them.
     """
 
     def step_fn(step: int) -> Logs:
@@ -136,6 +137,8 @@ def train_loop(
         value = gradient_step(loss, optimizer, grad_clip, desc, step)
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update(model)
         return {"loss": value, **logs}
 
     return run_steps(step_fn, steps, log_every, desc, on_step, modules=[model])

@@ -124,12 +124,10 @@ def fit(config: DDPMConfig, log=print, log_every: int = 250) -> tuple[DDPM, DDPM
     model = DDPM(config).to(dev)
     ema = EMA(model, tc.ema_decay)
     optimizer = tc.adam(model.parameters())
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
     per_t = LossPerTimestep(config.schedule.num_timesteps)
     tail_start, start = int(0.9 * tc.steps), time.perf_counter()
 
     def after_step(step: int, logs: dict) -> None:
-        ema.update(model)
         if step > tail_start:
             per_t.add(logs["t"], logs["mse"])
         if step % log_every == 0:
@@ -138,7 +136,8 @@ def fit(config: DDPMConfig, log=print, log_every: int = 250) -> tuple[DDPM, DDPM
     data = batches(x, batch_size=tc.batch_size, generator=generator, transform=to_symmetric, device=dev,
                    drop_last=True)
     history = train_loop(model, lambda m, x0: training_loss(m, x0, generator), data, optimizer, tc.steps,
-                         desc="ddpm", on_step=after_step, grad_clip=tc.grad_clip, scheduler=warmup)
+                         desc="ddpm", on_step=after_step, grad_clip=tc.grad_clip, scheduler=tc.scheduler(optimizer),
+                         ema=ema)
     diagnostics = {"history": history, "loss_per_t": per_t.means(), "wall_time_s": time.perf_counter() - start}
     return ema.module.eval(), model.eval(), diagnostics
 

@@ -74,6 +74,19 @@ def m_step(x: torch.Tensor, resp: torch.Tensor, alpha: float) -> tuple[torch.Ten
     return log_weights, probs.view(-1, 1, 28, 28)
 
 
+def m_step_objective(x: torch.Tensor, resp: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+                     alpha: float) -> torch.Tensor:
+    """The objective the M-step maximizes, in unconstrained parameters: pi = softmax(b) (K,), mu = sigmoid(a)
+    (K, D). Expected complete-data log-likelihood under ``resp`` (N, K) plus the Beta prior's log-density,
+    up to constants; differentiable, so a check can confirm that ``m_step`` is its stationary point."""
+    xf = x.flatten(1)  # (N, D)
+    log_mu, log_one_minus_mu = nn.functional.logsigmoid(a), nn.functional.logsigmoid(-a)  # (K, D)
+    # $\log p(x_n \mid k) = \sum_d x_{nd}\log\mu_{kd} + (1 - x_{nd})\log(1 - \mu_{kd})$
+    log_px_given_k = xf @ log_mu.T + (1 - xf) @ log_one_minus_mu.T  # (N, K)
+    # $\sum_{n,k} r_{nk}\big(\log\pi_k + \log p(x_n \mid k)\big) + \alpha \sum_{k,d} \log\mu_{kd}(1 - \mu_{kd})$
+    return (resp * (b.log_softmax(0) + log_px_given_k)).sum() + alpha * (log_mu + log_one_minus_mu).sum()
+
+
 def log_prior(model: BernoulliMixture) -> float:
     """log p(pi, mu): a flat Dirichlet on pi and an independent Beta(alpha + 1, alpha + 1) on every mu_kd.
 

@@ -144,6 +144,18 @@ def loss(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None) 
 
 
 @torch.no_grad()
+def iwae_bound_curve(model: VAE, x: torch.Tensor, ks: list[int], repeats: int, max_samples: int = 10_000,
+                     generator: torch.Generator | None = None) -> list[float]:
+    """For each k, the mean over images of L_k averaged over independent repetitions, at most
+    ``repeats`` of them and k * repetitions <= ``max_samples`` (at least one)."""
+    curve = []
+    for k in ks:
+        runs = max(1, min(repeats, max_samples // k))
+        curve.append(torch.stack([iwae_bound(model, x, k, generator).mean() for _ in range(runs)]).mean().item())
+    return curve
+
+
+@torch.no_grad()
 def importance_sampled_log_likelihood(model: VAE, x: torch.Tensor, k: int = 5000, chunk: int = 500,
                                       generator: torch.Generator | None = None) -> torch.Tensor:
     """log p(x) ~ L_k per image for large k, accumulated over chunks of samples (memory stays bounded)."""
@@ -170,7 +182,7 @@ def fit(config: VAEConfig, log=print, log_every: int = 600) -> tuple[VAE, list[d
                          batches(x, batch_size=train.batch_size, generator=generator, transform=binarize, device=dev),
                          optimizer, steps,
                          log_every=log_every, desc=f"vae k={config.k} beta={config.beta}",
-                         scheduler=train.cosine(optimizer, steps))
+                         scheduler=train.scheduler(optimizer, steps))
     log(f"vae: {steps} steps, final loss {history[-1]['loss']:.2f}")
     return model.cpu().eval(), history
 

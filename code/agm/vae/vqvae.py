@@ -198,7 +198,7 @@ def fit_autoencoder(model: VQVAE, x: torch.Tensor, generator: torch.Generator, l
     c, train, dev = model.config, model.config.train, model.quantizer.codebook.device
     params = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("prior.")]
     optimizer = train.adam(params)
-    scheduler = train.cosine(optimizer)
+    scheduler = train.scheduler(optimizer)
     data = training_pairs(x, train.batch_size, c.target, generator, dev)
     start = time.perf_counter()
 
@@ -245,7 +245,7 @@ def fit_prior(model: VQVAE, x: torch.Tensor, generator: torch.Generator, log=pri
     model.eval()
     optimizer = train.adam(model.prior.parameters())
     history = train_loop(model.prior, prior_loss, code_batches(model, x, train.batch_size, generator), optimizer,
-                         train.steps, log_every=log_every, desc="vq-vae prior", scheduler=train.cosine(optimizer))
+                         train.steps, log_every=log_every, desc="vq-vae prior", scheduler=train.scheduler(optimizer))
     log(f"vq-vae prior: {train.steps} steps, final cross-entropy {history[-1]['loss']:.2f} nats per image")
     return history
 
