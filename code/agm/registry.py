@@ -25,6 +25,7 @@ MODEL_MODULES = [
     "agm.vae.beta_vae",
     "agm.vae.vqvae",
     "agm.diffusion.ddpm",
+    "agm.diffusion.ddpm_cfg",
     "agm.classifier",
 ]
 

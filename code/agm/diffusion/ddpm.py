@@ -18,6 +18,7 @@ from torch import nn
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import batches, check_images, mnist, to_symmetric
 from agm.diffusion import losses
+from agm.diffusion.guidance import ClassifierFreeGuidance, drop_labels
 from agm.diffusion.samplers import SAMPLERS, VARIANCES, ancestral_sample
 from agm.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from agm.distributions import mean_and_standard_error
@@ -37,6 +38,15 @@ class DDPMConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)  # widths 16, 32, 64 at 28x28, 14x14, 7x7
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # linear, T = 1000
     train: TrainConfig = field(default_factory=default_training)
+    # classifier-free guidance (Ho & Salimans, 2022): the probability that a training label is replaced
+    # by the null label, so that one network learns eps(x_t, t, y) and eps(x_t, t, null); 0 = no dropout
+    p_uncond: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.p_uncond < 1.0:
+            raise ValueError(f"p_uncond must lie in [0, 1), got {self.p_uncond}")
+        if self.p_uncond > 0 and self.unet.num_classes == 0:
+            raise ValueError("p_uncond > 0 needs a class-conditional U-Net (unet.num_classes > 0)")
 
 
 class DDPM(nn.Module):
@@ -80,8 +90,11 @@ def training_loss(model: DDPM, x0: torch.Tensor, generator: torch.Generator | No
     """L_simple on a batch of [-1, 1] images: t ~ U{0..T-1}, eps ~ N(0, I), regress eps from x_t.
 
     Returns the loss and, as logs, the timesteps and each example's squared error (for the
-    loss-per-timestep diagnostic of Chapter 29).
+    loss-per-timestep diagnostic of Chapter 29). With ``labels`` and ``config.p_uncond`` > 0 each
+    label is first replaced by the null label with that probability (classifier-free guidance).
     """
+    if labels is not None and model.config.p_uncond > 0:
+        labels = drop_labels(labels, model.config.p_uncond, model.config.unet.null_label, generator)
     # $t \sim \mathcal U\{0, \dots, T-1\}$, $\epsilon \sim \mathcal N(0, I)$
     t = torch.randint(model.schedule.num_timesteps, (len(x0),), generator=generator).to(x0.device)  # (B,)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # (B, C, H, W)
@@ -120,7 +133,8 @@ def fit(config: DDPMConfig, log=print, log_every: int = 250) -> tuple[DDPM, DDPM
     tc, dev = config.train, device()
     generator = torch.Generator().manual_seed(tc.seed)
     torch.manual_seed(tc.seed)
-    x, _ = mnist("trainval")
+    x, y = mnist("trainval")
+    conditional = config.unet.num_classes > 0
     model = DDPM(config).to(dev)
     ema = EMA(model, tc.ema_decay)
     optimizer = tc.adam(model.parameters())
@@ -133,9 +147,14 @@ def fit(config: DDPMConfig, log=print, log_every: int = 250) -> tuple[DDPM, DDPM
         if step % log_every == 0:
             log(f"ddpm step {step}/{tc.steps}: {time.perf_counter() - start:.0f} s")
 
-    data = batches(x, batch_size=tc.batch_size, generator=generator, transform=to_symmetric, device=dev,
-                   drop_last=True)
-    history = train_loop(model, lambda m, x0: training_loss(m, x0, generator), data, optimizer, tc.steps,
+    data = batches(x, y if conditional else None, batch_size=tc.batch_size, generator=generator,
+                   transform=to_symmetric, device=dev, drop_last=True)
+
+    def loss_fn(m: DDPM, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x0, labels = batch if conditional else (batch, None)
+        return training_loss(m, x0, generator, labels)
+
+    history = train_loop(model, loss_fn, data, optimizer, tc.steps,
                          desc="ddpm", on_step=after_step, grad_clip=tc.grad_clip, scheduler=tc.scheduler(optimizer),
                          ema=ema)
     diagnostics = {"history": history, "loss_per_t": per_t.means(), "wall_time_s": time.perf_counter() - start}
@@ -177,16 +196,21 @@ def sample_chain(model: DDPM, n: int, generator: torch.Generator | None = None, 
 
 def sample(model: DDPM, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
            steps: int | None = None, variance: str = "beta_tilde", sampler: str = "ancestral", eta: float = 0.0,
-           clip_denoised: bool | None = None, batch_size: int = 500) -> torch.Tensor:
+           clip_denoised: bool | None = None, guidance: float | None = None,
+           batch_size: int = 500) -> torch.Tensor:
     """``spec.sample``: n images in [0, 1] from the chosen sampler, in batches of ``batch_size``.
 
     ``clip_denoised`` None keeps the sampler's own default, the reference implementation's: on for the
-    ancestral and DDIM samplers (Ho et al., diffusers), off for DPM-Solver++.
+    ancestral and DDIM samplers (Ho et al., diffusers), off for DPM-Solver++. ``guidance`` w (a
+    class-conditional model only) samples with the classifier-free guided prediction
+    (:class:`agm.diffusion.guidance.ClassifierFreeGuidance`); None uses the network as it is.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if model.config.unet.num_classes == 0:
         refuse_labels(labels)
+        if guidance is not None:
+            raise ValueError("guidance needs a class-conditional model")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     if variance not in VARIANCES:
@@ -197,11 +221,12 @@ def sample(model: DDPM, n: int, generator: torch.Generator | None = None, labels
     if clip_denoised is not None:
         options["clip_denoised"] = clip_denoised
     model.eval()
+    net = model if guidance is None else ClassifierFreeGuidance(model, guidance, model.config.unet.num_classes)
     out = []
     for i in range(0, n, batch_size):
         m = min(batch_size, n - i)
         y = None if labels is None else labels[i : i + m].to(next(model.parameters()).device)
-        x = SAMPLERS[sampler](model, model.schedule, draw_noise(model, m, generator), steps,
+        x = SAMPLERS[sampler](net, model.schedule, draw_noise(model, m, generator), steps,
                               generator=generator, labels=y, **options)
         out.append(to_images(x).cpu())
     return torch.cat(out)

@@ -1,0 +1,135 @@
+"""Classifier-free guidance: the guided prediction, label dropout, training on labels, the command line."""
+
+import pytest
+import torch
+from torch import nn
+
+from agm import checkpoint
+from agm.cli import main
+from agm.diffusion.ddpm import DDPM, DDPMConfig, sample, training_loss
+from agm.diffusion.guidance import ClassifierFreeGuidance, drop_labels
+from agm.diffusion.samplers import ddim_sample
+from agm.diffusion.schedule import ScheduleConfig
+from agm.nn.unet import UNetConfig
+
+
+def conditional(p_uncond: float = 0.1) -> DDPM:
+    # groups=2: with one channel per group, GroupNorm would remove the label embedding's shift entirely
+    torch.manual_seed(0)
+    return DDPM(DDPMConfig(unet=UNetConfig(channels=8, multipliers=(1, 1), groups=2, num_classes=10),
+                           schedule=ScheduleConfig(num_timesteps=50), p_uncond=p_uncond)).eval()
+
+
+class LabelNet(nn.Module):
+    """eps = label value everywhere (null label -> 10): makes the guided combination readable."""
+
+    def forward(self, x, t, labels=None):
+        labels = torch.full_like(t, 10) if labels is None else labels
+        return torch.ones_like(x) * labels.float()[:, None, None, None]
+
+
+def test_guided_prediction_is_the_stated_linear_combination():
+    net, labels, x, t = LabelNet(), torch.tensor([3, 7]), torch.zeros(2, 1, 4, 4), torch.tensor([5, 9])
+    for w in (0.0, 0.5, 2.0, 4.0):
+        out = ClassifierFreeGuidance(net, w)(x, t, labels)
+        expected = (1 + w) * labels.float() - w * 10.0
+        assert torch.allclose(out[:, 0, 0, 0], expected)
+        # diffusers' form eps_u + s (eps_c - eps_u) with guidance_scale s = 1 + w
+        assert torch.allclose(out[:, 0, 0, 0], 10.0 + (1 + w) * (labels.float() - 10.0))
+
+
+def test_w_zero_is_the_conditional_and_w_minus_one_the_unconditional_model():
+    model = conditional()
+    x, t, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 10, 25, 49]), torch.tensor([0, 3, 9, 4])
+    with torch.no_grad():
+        assert not torch.allclose(model(x, t, y), model(x, t), atol=1e-3)  # the label matters
+        assert torch.allclose(ClassifierFreeGuidance(model, 0.0)(x, t, y), model(x, t, y), atol=1e-5)
+        assert torch.allclose(ClassifierFreeGuidance(model, -1.0)(x, t, y), model(x, t), atol=1e-5)
+        # no labels: the unconditional prediction whatever w is
+        assert torch.allclose(ClassifierFreeGuidance(model, 3.0)(x, t), model(x, t), atol=1e-6)
+
+
+def test_guided_model_runs_through_any_sampler_and_changes_the_sample():
+    model, y = conditional(), torch.tensor([1, 8])
+    x_T = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    plain = ddim_sample(ClassifierFreeGuidance(model, 0.0), model.schedule, x_T, 5, labels=y)
+    guided = ddim_sample(ClassifierFreeGuidance(model, 3.0), model.schedule, x_T, 5, labels=y)
+    assert torch.allclose(plain, ddim_sample(model, model.schedule, x_T, 5, labels=y), atol=1e-5)
+    assert not torch.allclose(plain, guided, atol=1e-3)
+
+
+@pytest.mark.parametrize("w", [-1.5, float("nan")])
+def test_bad_guidance_weight_is_refused(w):
+    with pytest.raises(ValueError, match="guidance weight"):
+        ClassifierFreeGuidance(LabelNet(), w)
+
+
+def test_guided_labels_must_be_real_classes():
+    guided = ClassifierFreeGuidance(LabelNet(), 1.0)
+    with pytest.raises(ValueError, match="0..9"):
+        guided(torch.zeros(1, 1, 2, 2), torch.tensor([3]), torch.tensor([10]))  # the null label is not a class
+    with pytest.raises(ValueError, match="0..9"):
+        guided(torch.zeros(1, 1, 2, 2), torch.tensor([3]), torch.tensor([-1]))
+
+
+def test_drop_labels_rate_and_determinism():
+    labels = torch.arange(20000) % 10
+    dropped = drop_labels(labels, 0.1, 10, torch.Generator().manual_seed(0))
+    rate = (dropped == 10).float().mean().item()
+    assert abs(rate - 0.1) < 4 * (0.1 * 0.9 / len(labels)) ** 0.5  # within 4 standard errors
+    kept = dropped != 10
+    assert torch.equal(dropped[kept], labels[kept])  # a label is dropped or left alone, never changed
+    assert torch.equal(dropped, drop_labels(labels, 0.1, 10, torch.Generator().manual_seed(0)))
+    assert torch.equal(drop_labels(labels, 0.0, 10), labels)
+    with pytest.raises(ValueError):
+        drop_labels(labels, 1.5, 10)
+
+
+def test_training_loss_trains_on_the_null_label_at_rate_p_uncond(monkeypatch):
+    seen = []
+    model = conditional(p_uncond=0.5)
+    original = model.net.forward
+    monkeypatch.setattr(model.net, "forward", lambda x, t, labels=None: seen.append(labels) or original(x, t, labels))
+    x0, labels = torch.zeros(4000, 1, 28, 28), torch.arange(4000) % 10
+    loss, _ = training_loss(model, x0[:2000], torch.Generator().manual_seed(1), labels[:2000])
+    assert torch.isfinite(loss)
+    rate = (seen[0] == 10).float().mean().item()
+    assert 0.45 < rate < 0.55
+
+
+def test_config_refuses_label_dropout_without_classes():
+    with pytest.raises(ValueError, match="class-conditional"):
+        DDPMConfig(p_uncond=0.1)
+    with pytest.raises(ValueError, match="p_uncond"):
+        DDPMConfig(unet=UNetConfig(num_classes=10), p_uncond=1.0)
+
+
+def test_sample_refuses_guidance_on_an_unconditional_model():
+    model = DDPM(DDPMConfig(unet=UNetConfig(channels=8, multipliers=(1, 1)),
+                            schedule=ScheduleConfig(num_timesteps=50)))
+    with pytest.raises(ValueError, match="class-conditional"):
+        sample(model, 2, guidance=1.0, steps=2)
+
+
+@pytest.fixture(scope="module")
+def cfg_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cfg")
+    assert main(["train", "ddpm-cfg", "--smoke", "--out-dir", str(d)]) == 0
+    return d
+
+
+def test_command_line_draws_the_requested_label_with_guidance(cfg_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AGM_CHECKPOINTS", str(cfg_dir))
+    manifest = checkpoint.read_manifest("ddpm-cfg", cfg_dir)
+    assert manifest.config["p_uncond"] == 0.1 and manifest.config["unet"]["num_classes"] == 10
+    assert manifest.metrics["sample_guidance"] == 1.0 and len(manifest.training["history"]) >= 1
+    out = tmp_path / "c.pt"
+    assert main(["sample", "ddpm-cfg", "--n", "3", "--label", "4", "--guidance", "2", "--steps", "4",
+                 "--out", str(out)]) == 0
+    drawn = torch.load(out, weights_only=True)
+    assert drawn["labels"].tolist() == [4, 4, 4] and drawn["images"].shape == (3, 1, 28, 28)
+    assert main(["sample", "ddpm-cfg", "--n", "2", "--guidance", "-2", "--out", str(out)]) == 2
+    assert "guidance weight" in capsys.readouterr().err
+    assert main(["sample", "ddpm-cfg", "--n", "2", "--label", "10", "--out", str(out)]) == 2
+    with pytest.raises(SystemExit):  # the unconditional model has no --guidance option
+        main(["sample", "ddpm", "--n", "2", "--guidance", "1", "--out", str(out)])
