@@ -312,6 +312,13 @@ def test_train_smoke_and_sample(smoke_dir, tmp_path, monkeypatch):
         assert torch.load(dpm, weights_only=True)["images"].shape == (3, 1, 28, 28)
     with pytest.raises(SystemExit):  # one clipping choice at a time
         main(["sample", "ddpm", "--n", "2", "--clip", "--no-clip", "--out", str(dpm)])
+    for options in (["--sampler", "pf-ode", "--solver", "euler"], ["--sampler", "pf-ode"],
+                    ["--sampler", "langevin", "--langevin-steps", "2", "--step-size", "1e-5"]):
+        assert main(["sample", "ddpm", "--n", "2", "--steps", "3", *options, "--out", str(dpm)]) == 0
+        assert torch.load(dpm, weights_only=True)["images"].shape == (2, 1, 28, 28)
+    assert main(["sample", "ddpm", "--n", "2", "--sampler", "pf-ode", "--clip", "--out", str(dpm)]) == 2
+    assert main(["sample", "ddpm", "--n", "2", "--sampler", "langevin", "--langevin-steps", "0",
+                 "--out", str(dpm)]) == 2
 
 
 def test_sample_rejects_bad_steps(smoke_dir, tmp_path, monkeypatch, capsys):

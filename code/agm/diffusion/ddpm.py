@@ -9,6 +9,7 @@ estimates the variational bound on test images.
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 from dataclasses import dataclass, field, replace
 
@@ -196,8 +197,8 @@ def sample_chain(model: DDPM, n: int, generator: torch.Generator | None = None, 
 
 def sample(model: DDPM, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
            steps: int | None = None, variance: str = "beta_tilde", sampler: str = "ancestral", eta: float = 0.0,
-           clip_denoised: bool | None = None, guidance: float | None = None,
-           batch_size: int = 500) -> torch.Tensor:
+           clip_denoised: bool | None = None, guidance: float | None = None, solver: str = "heun",
+           langevin_steps: int = 5, step_size: float = 2e-5, batch_size: int = 500) -> torch.Tensor:
     """``spec.sample``: n images in [0, 1] from the chosen sampler, in batches of ``batch_size``.
 
     ``clip_denoised`` None keeps the sampler's own default, the reference implementation's: on for the
@@ -217,8 +218,11 @@ def sample(model: DDPM, n: int, generator: torch.Generator | None = None, labels
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
     steps = model.schedule.num_timesteps if steps is None else steps
     model.schedule.timesteps(steps)  # validates steps
-    options = {"ancestral": {"variance": variance}, "ddim": {"eta": eta}}.get(sampler, {})
+    options = {"ancestral": {"variance": variance}, "ddim": {"eta": eta}, "pf-ode": {"solver": solver},
+               "langevin": {"langevin_steps": langevin_steps, "step_size": step_size}}.get(sampler, {})
     if clip_denoised is not None:
+        if "clip_denoised" not in inspect.signature(SAMPLERS[sampler]).parameters:
+            raise ValueError(f"the {sampler} sampler has no clipping option")
         options["clip_denoised"] = clip_denoised
     model.eval()
     net = model if guidance is None else ClassifierFreeGuidance(model, guidance, model.config.unet.num_classes)
@@ -320,12 +324,18 @@ def evaluate(model: DDPM) -> dict[str, float]:
 
 def add_sample_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="ancestral",
-                        help="ancestral (Ho et al., Algorithm 2), ddim (Song et al., eq. 12) or dpmsolver++ "
-                             "(Lu et al., 2022, second-order multistep)")
+                        help="ancestral (Ho et al., Algorithm 2), ddim (Song et al., eq. 12), dpmsolver++ "
+                             "(Lu et al., 2022, second-order multistep), pf-ode (the probability-flow ODE) or "
+                             "langevin (annealed Langevin dynamics with the score -eps/sigma)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps, 1..T (default: T = 1000)")
     parser.add_argument("--variance", choices=VARIANCES, default="beta_tilde",
                         help="ancestral: variance of p(x_{t-1}|x_t), the posterior's beta~_t or beta_t")
     parser.add_argument("--eta", type=float, default=0.0, help="ddim: 0 = deterministic, 1 = ancestral-like noise")
+    parser.add_argument("--solver", choices=("euler", "heun"), default="heun",
+                        help="pf-ode: Euler (= DDIM with eta 0, unclipped) or Heun steps in sigma")
+    parser.add_argument("--langevin-steps", type=int, default=5, help="langevin: updates at each noise level")
+    parser.add_argument("--step-size", type=float, default=2e-5,
+                        help="langevin: epsilon of alpha_i = epsilon sigma_i^2 / sigma_min^2 (Song & Ermon, 2019)")
     clip = parser.add_mutually_exclusive_group()
     clip.add_argument("--clip", dest="clip_denoised", action="store_const", const=True, default=None,
                       help="clip the predicted x_0 to [-1, 1] (the default of ancestral and ddim)")

@@ -186,4 +186,90 @@ angle / (\|a\|\|b\|)$ (Shoemake, 1985; Song et al., 2021, Sec. 5.4).
     return out.view_as(a)
 
 
-SAMPLERS = {"ancestral": ancestral_sample, "ddim": ddim_sample, "dpmsolver++": dpm_solver_sample}
+def sigma_ve(schedule: NoiseSchedule, t: int) -> torch.Tensor:
+    r"""$\sigma_t = \sqrt{(1-\bar\alpha_t)/\bar\alpha_t}$, the noise level of $\bar x = x_t/\sqrt{\bar\alpha_t}$ (0 at t = -1).
+
+    In $\bar x$ the forward process only adds noise, $\bar x = x_0 + \sigma_t \epsilon$ (the
+    variance-exploding form of the same model; Song et al., 2021b; Karras et al., 2022).
+    """
+    a = schedule.alpha_bar(t)
+    return ((1 - a) / a).sqrt()
+
+
+@torch.no_grad()
+def probability_flow_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | None = None,
+                            solver: str = "heun", generator: torch.Generator | None = None,
+                            labels: torch.Tensor | None = None, callback: Callback | None = None) -> torch.Tensor:
+    r"""The probability-flow ODE $d\bar x / d\sigma = \epsilon_\theta(\sqrt{\bar\alpha}\,\bar x, t)
+    = -\sigma \nabla_{\bar x} \log p_\sigma(\bar x)$ solved from $\sigma_T$ down to 0 (Song et al., 2021b,
+    in the form of Karras et al., 2022, eq. 4), evaluated at the chain's timesteps.
+
+    ``solver`` "euler" is DDIM with η = 0, unclipped, step for step; "heun" corrects each step with
+    the slope at its end (Karras et al., Algorithm 1; the last step, to σ = 0, stays Euler), 2S - 1
+    network calls for S steps. Nothing is clipped: the ODE has no data range. Deterministic:
+    ``generator`` is accepted for a common signature and unused.
+    """
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
+
+    def update(x: torch.Tensor, t: int, s: int) -> torch.Tensor:
+        a_t, a_s = schedule.alpha_bar(t).to(x.dtype), schedule.alpha_bar(s).to(x.dtype)
+        sig_t, sig_s = sigma_ve(schedule, t).to(x.dtype), sigma_ve(schedule, s).to(x.dtype)
+        xbar = x / a_t.sqrt()
+        # Euler: $\bar x_s = \bar x_t + (\sigma_s - \sigma_t)\, \epsilon_\theta(x_t, t)$
+        d = predict_eps(model, x, t, labels)
+        xbar_s = xbar + (sig_s - sig_t) * d
+        if solver == "heun" and s >= 0:
+            # Heun: the mean slope of both ends, $\frac12(\epsilon_\theta(x_t, t) + \epsilon_\theta(\tilde x_s, s))$
+            d_s = predict_eps(model, a_s.sqrt() * xbar_s, s, labels)
+            xbar_s = xbar + (sig_s - sig_t) * 0.5 * (d + d_s)
+        return a_s.sqrt() * xbar_s
+
+    return walk(schedule, x_T, steps, update, callback)
+
+
+@torch.no_grad()
+def langevin_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | None = 100,
+                    langevin_steps: int = 5, step_size: float = 2e-5, denoise: bool = True,
+                    generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
+                    callback: Callback | None = None) -> torch.Tensor:
+    r"""Annealed Langevin dynamics (Song & Ermon, 2019, Algorithm 1) with the ε-model as the score.
+
+    In $\bar x = x_t/\sqrt{\bar\alpha_t}$ the noise levels are $\sigma_t$ (:func:`sigma_ve`) and the score is
+    $s(\bar x, \sigma_t) = -\epsilon_\theta(\sqrt{\bar\alpha_t}\,\bar x, t)/\sigma_t$. At each level of the chain,
+    from the largest down, ``langevin_steps`` updates $\bar x \leftarrow \bar x + \frac{\alpha}{2} s + \sqrt{\alpha}\,z$
+    with $\alpha = $ ``step_size`` $\cdot\, \sigma_t^2 / \sigma_{\min}^2$, $\sigma_{\min}$ the smallest level.
+    ``callback(t + 1, x)`` follows each level t but the last, ``callback(0, x)`` the output.
+    ``denoise`` ends with Tweedie's $\hat x_0 = \bar x - \sigma_{\min}\epsilon_\theta$ (Jolicoeur-Martineau et
+    al., 2021), which removes the last level's noise. ``x_T`` ~ N(0, I) is read as $\sqrt{\bar\alpha_T}\,\bar x$.
+    """
+    if langevin_steps < 1 or not step_size > 0:
+        raise ValueError(f"need langevin_steps >= 1 and step_size > 0, got {langevin_steps} and {step_size}")
+    chain = _chain(schedule, x_T, steps)
+    levels = [t for t, _ in chain]  # descending timesteps
+    sigma_min = sigma_ve(schedule, levels[-1]).to(x_T.dtype)
+    xbar = x_T / schedule.alpha_bar(levels[0]).to(x_T.dtype).sqrt()
+    if callback is not None:
+        callback(levels[0] + 1, x_T)
+    for t in levels:
+        a_t, sig_t = schedule.alpha_bar(t).to(x_T.dtype), sigma_ve(schedule, t).to(x_T.dtype)
+        # $\alpha_i = \epsilon\,\sigma_i^2 / \sigma_L^2$
+        alpha = step_size * sig_t**2 / sigma_min**2
+        for _ in range(langevin_steps):
+            # $s_\theta(\bar x, \sigma) = -\epsilon_\theta(\sqrt{\bar\alpha}\,\bar x, t) / \sigma$
+            score = -predict_eps(model, a_t.sqrt() * xbar, t, labels) / sig_t
+            z = torch.randn(xbar.shape, generator=generator, dtype=xbar.dtype).to(xbar.device)
+            xbar = xbar + 0.5 * alpha * score + alpha.sqrt() * z
+        if callback is not None and t != levels[-1]:
+            callback(t + 1, a_t.sqrt() * xbar)  # a draw at level t: the paper's index t + 1
+    if denoise:
+        # Tweedie at the smallest level: $\hat x_0 = \bar x - \sigma_{\min}\,\epsilon_\theta$
+        t = levels[-1]
+        xbar = xbar - sigma_min * predict_eps(model, schedule.alpha_bar(t).to(xbar.dtype).sqrt() * xbar, t, labels)
+    if callback is not None:
+        callback(0, xbar)
+    return xbar
+
+
+SAMPLERS = {"ancestral": ancestral_sample, "ddim": ddim_sample, "dpmsolver++": dpm_solver_sample,
+            "pf-ode": probability_flow_sample, "langevin": langevin_sample}

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from agm.diffusion.schedule import NoiseSchedule
 from agm.distributions import gaussian_kl
@@ -79,6 +80,28 @@ class GaussianMixture1D:
         # total mean and variance of the mixture of the posteriors
         mean = (r * mean_k).sum(1)
         return mean, (r * (var_k + mean_k**2)).sum(1) - mean**2
+
+
+class ExactNoisePredictor(nn.Module):
+    r"""The ε-prediction a perfect network would make when every coordinate of x_0 is drawn from ``mixture``.
+
+    $\epsilon^*(x_t, t) = \mathbb E[\epsilon \mid x_t] = -\sqrt{1-\bar\alpha_t}\,\nabla \log q_t(x_t)$ (Tweedie),
+    coordinate by coordinate: a stand-in for ε_θ with which the samplers and the likelihood are exact
+    up to their discretization. ``labels`` are refused.
+    """
+
+    def __init__(self, mixture: GaussianMixture1D, schedule: NoiseSchedule):
+        super().__init__()
+        self.mixture, self.schedule = mixture, schedule
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is not None:
+            raise ValueError("the exact noise predictor is unconditional")
+        if t.ndim != 1 or len(t) != len(x) or (t != t[0]).any():
+            raise ValueError("t must be one timestep broadcast over the batch")
+        abar = self.schedule.alpha_bar(int(t[0])).item()
+        score = self.mixture.score(x.reshape(-1), abar).to(x.dtype).view_as(x)
+        return -math.sqrt(1 - abar) * score
 
 
 def normal_log_density(x: torch.Tensor, mean: torch.Tensor | float, var: torch.Tensor | float) -> torch.Tensor:
