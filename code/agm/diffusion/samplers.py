@@ -187,10 +187,10 @@ angle / (\|a\|\|b\|)$ (Shoemake, 1985; Song et al., 2021, Sec. 5.4).
 
 
 def sigma_ve(schedule: NoiseSchedule, t: int) -> torch.Tensor:
-    r"""$\sigma_t = \sqrt{(1-\bar\alpha_t)/\bar\alpha_t}$, the noise level of $\bar x = x_t/\sqrt{\bar\alpha_t}$ (0 at t = -1).
+    r"""The noise level $\sigma_t = \sqrt{(1-\bar\alpha_t)/\bar\alpha_t}$ of $\bar x = x_t/\sqrt{\bar\alpha_t}$.
 
     In $\bar x$ the forward process only adds noise, $\bar x = x_0 + \sigma_t \epsilon$ (the
-    variance-exploding form of the same model; Song et al., 2021b; Karras et al., 2022).
+    variance-exploding form of the same model; Song et al., 2021b; Karras et al., 2022); 0 at t = -1.
     """
     a = schedule.alpha_bar(t)
     return ((1 - a) / a).sqrt()
