@@ -133,3 +133,81 @@ def test_command_line_draws_the_requested_label_with_guidance(cfg_dir, tmp_path,
     assert main(["sample", "ddpm-cfg", "--n", "2", "--label", "10", "--out", str(out)]) == 2
     with pytest.raises(SystemExit):  # the unconditional model has no --guidance option
         main(["sample", "ddpm", "--n", "2", "--guidance", "1", "--out", str(out)])
+
+
+# -- classifier guidance ---------------------------------------------------------------------------
+
+class ComponentPosterior(nn.Module):
+    """The exact classifier of mixture data: log p(k | x_t) for each component k of a 1-D mixture."""
+
+    def __init__(self, mixture, schedule):
+        super().__init__()
+        self.mixture, self.schedule = mixture, schedule
+
+    def forward(self, x, t):
+        abar = self.schedule.alpha_bar(int(t[0])).item()
+        return self.mixture.log_components(x.reshape(-1), abar)[0].log_softmax(1).to(x.dtype)
+
+
+def test_classifier_guidance_at_scale_one_is_the_exact_conditional_model():
+    """∇log p_t(x) + ∇log p(k | x) = ∇log p_t(x | k): guiding the mixture's exact ε with its exact posterior
+    over components gives the exact ε of the chosen component alone (Bayes' rule, no approximation)."""
+    from agm.diffusion.guidance import ClassifierGuidance
+    from agm.diffusion.schedule import NoiseSchedule
+    from agm.diffusion.toy import ExactNoisePredictor, GaussianMixture1D
+
+    schedule = NoiseSchedule()
+    mixture = GaussianMixture1D(torch.tensor([-0.6, 0.5]), torch.tensor([0.15, 0.25]), torch.tensor([0.3, 0.7]))
+    guided = ClassifierGuidance(ExactNoisePredictor(mixture, schedule), ComponentPosterior(mixture, schedule),
+                                schedule, scale=1.0)
+    x = torch.linspace(-2, 2, 41, dtype=torch.float64).view(-1, 1, 1, 1)
+    for k in (0, 1):
+        alone = ExactNoisePredictor(GaussianMixture1D(mixture.means[k : k + 1], mixture.stds[k : k + 1],
+                                                      torch.ones(1)), schedule)
+        for t in (0, 100, 600):
+            tt, y = torch.full((41,), t), torch.full((41,), k)
+            assert torch.allclose(guided(x, tt, y), alone(x, tt), atol=1e-8)
+    unguided = ClassifierGuidance(guided.model, guided.classifier, schedule, scale=0.0)
+    tt = torch.full((41,), 300)
+    assert torch.allclose(unguided(x, tt, torch.zeros(41, dtype=torch.long)), guided.model(x, tt))
+
+
+def test_classifier_guidance_bad_input():
+    from agm.diffusion.guidance import ClassifierGuidance
+    from agm.diffusion.noise_classifier import NoiseClassifier, NoiseClassifierConfig
+    from agm.diffusion.schedule import NoiseSchedule
+
+    classifier = NoiseClassifier(NoiseClassifierConfig(channels=8, multipliers=(1, 1)))
+    model = conditional()
+    with pytest.raises(ValueError, match="trained under"):
+        ClassifierGuidance(model, classifier, model.schedule, 1.0)  # T = 50 here, 1000 for the classifier
+    with pytest.raises(ValueError, match=">= 0"):
+        ClassifierGuidance(model, classifier, NoiseSchedule(), -1.0)
+    guided = ClassifierGuidance(lambda x, t: torch.zeros_like(x), classifier, NoiseSchedule(), 2.0)
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([5, 900])
+    with pytest.raises(ValueError, match="needs the labels"):
+        guided(x, t)
+    with pytest.raises(ValueError, match="0..9"):
+        guided(x, t, torch.tensor([3, 10]))
+    out = guided(x, t, torch.tensor([3, 4]))
+    assert out.shape == x.shape and out.abs().sum() > 0  # the classifier's gradient moves the prediction
+
+
+def test_noise_classifier_shapes_loss_and_accuracy_by_timestep():
+    from agm.diffusion.noise_classifier import (
+        NoiseClassifier,
+        NoiseClassifierConfig,
+        accuracy_by_timestep,
+        noisy_classification_loss,
+    )
+
+    torch.manual_seed(0)
+    model = NoiseClassifier(NoiseClassifierConfig(channels=8, multipliers=(1, 1)))
+    x0, y = torch.rand(6, 1, 28, 28) * 2 - 1, torch.arange(6)
+    loss, logs = noisy_classification_loss(model, x0, y, torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and 0 <= logs["accuracy"] <= 1
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(10.0)).item(), rel=0.3)  # near uniform at init
+    acc = accuracy_by_timestep(model, (x0 + 1) / 2, y, [0, 999], torch.Generator().manual_seed(0))
+    assert len(acc) == 2 and all(0 <= a <= 1 for a in acc)
+    with pytest.raises(ValueError, match="1, 28, 28"):
+        model(torch.zeros(2, 3, 28, 28), torch.zeros(2, dtype=torch.long))

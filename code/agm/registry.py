@@ -26,6 +26,7 @@ MODEL_MODULES = [
     "agm.vae.vqvae",
     "agm.diffusion.ddpm",
     "agm.diffusion.ddpm_cfg",
+    "agm.diffusion.noise_classifier",
     "agm.classifier",
 ]
 
