@@ -322,6 +322,13 @@ def evaluate(model: DDPM) -> dict[str, float]:
                         exact_below=budget(16, 2))
 
 
+def evaluate_full(model: DDPM) -> dict:
+    """The sampler tables of Chapters 31, 32 and 40 (:mod:`agm.diffusion.evaluations`), filled incrementally."""
+    from agm.diffusion import evaluations  # it samples through this module
+
+    return evaluations.evaluate_full(model)
+
+
 def add_sample_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="ancestral",
                         help="ancestral (Ho et al., Algorithm 2), ddim (Song et al., eq. 12), dpmsolver++ "
@@ -345,7 +352,7 @@ def add_sample_options(parser: argparse.ArgumentParser) -> None:
 
 register(ModelSpec(
     name="ddpm", chapter=29, summary="DDPM: ε-prediction U-Net, linear schedule, T = 1000, EMA weights",
-    build=build, train=train, sample=sample, evaluate=evaluate, train_minutes=60.0,
+    build=build, train=train, sample=sample, evaluate=evaluate, evaluate_full=evaluate_full, train_minutes=60.0,
     add_sample_options=add_sample_options, metric_sample_options=lambda: {**METRIC_SAMPLER,
                                                                            "steps": budget(EVAL_STEPS, 5)},
     samples="gray levels",

@@ -1,0 +1,71 @@
+"""The incremental sampler tables: which cells, in which order, stored as they finish, resumed, summarized."""
+
+import shutil
+import statistics
+
+import pytest
+
+from agm import checkpoint, registry
+from agm.cli import main
+from agm.diffusion import evaluations
+from agm.diffusion.evaluations import CLIPPING, STEPS, Setting, fill, plan, table
+from agm.runtime import checkpoint_dir
+
+
+def test_settings_have_distinct_keys_and_the_tables_hold_the_measured_rows():
+    keys = [s.key for s in CLIPPING + STEPS]
+    assert len(set(keys)) == len(keys)
+    assert {"ancestral-1000-clip", "ancestral-1000-noclip", "ancestral-50-clip", "ancestral-50-noclip",
+            "ddim-eta0-50-clip", "ddim-eta0-50-noclip"} <= set(keys)
+    assert {"ddim-eta1-10", "ddim-eta0.5-100", "ddim-eta0-1000", "dpmsolver++-20"} <= set(keys)
+    assert Setting("ddim", 20, False, 1.0).options() == {"sampler": "ddim", "steps": 20, "clip_denoised": False,
+                                                         "eta": 1.0}
+
+
+def test_plan_runs_the_cheap_cells_first_and_each_once():
+    cells = plan(CLIPPING + STEPS + CLIPPING, seeds=(0, 1))
+    assert len(cells) == 2 * len({s.key for s in CLIPPING + STEPS})
+    steps = [s.steps for s, _ in cells]
+    assert steps == sorted(steps) and steps[-1] == 1000
+
+
+@pytest.fixture
+def smoke_ddpm(tmp_path, monkeypatch):
+    for suffix in (".pt", ".json"):
+        shutil.copy(checkpoint_dir() / f"classifier{suffix}", tmp_path / f"classifier{suffix}")
+    assert main(["train", "ddpm", "--smoke", "--out-dir", str(tmp_path)]) == 0
+    monkeypatch.setenv("AGM_CHECKPOINTS", str(tmp_path))
+    return tmp_path
+
+
+def test_fill_stores_each_cell_skips_what_is_stored_and_restarts_for_another_n(smoke_ddpm, monkeypatch):
+    calls = []
+
+    def fake(model, setting, seed, n):
+        calls.append((setting.key, seed))
+        return {"fid": setting.steps + seed, "inception_score": 1.0, "precision": 0.5, "recall": 0.5,
+                "images_per_s": 10.0, "seconds": 1.0, "n_samples": n}
+
+    monkeypatch.setattr(evaluations, "measure", fake)
+    settings = [Setting("ddim", 3), Setting("ancestral", 2, True)]
+    model, _ = registry.load_model("ddpm")
+    fill("ddpm", model, settings, seeds=(0, 1), n=200, log=lambda _: None)
+    assert calls == [("ancestral-2-clip", 0), ("ancestral-2-clip", 1), ("ddim-eta0-3", 0), ("ddim-eta0-3", 1)]
+    stored = checkpoint.read_manifest("ddpm").metrics[evaluations.KEY]
+    assert stored["reference"]["n_samples"] == 200 and stored["ddim-eta0-3/seed1"]["fid"] == 4
+    calls.clear()
+    fill("ddpm", model, settings + [Setting("ddim", 4)], seeds=(0, 1), n=200, log=lambda _: None)
+    assert calls == [("ddim-eta0-4", 0), ("ddim-eta0-4", 1)]  # only the new setting
+    calls.clear()
+    fill("ddpm", model, settings, seeds=(0,), n=201, log=lambda _: None)  # another n: nothing compares
+    assert len(calls) == 2 and "ddim-eta0-4/seed0" not in checkpoint.read_manifest("ddpm").metrics[evaluations.KEY]
+
+
+def test_table_reports_mean_and_sd_over_the_seeds_and_marks_missing_rows():
+    cells = {"reference": {"fid": 1.0}}
+    for seed, fid in enumerate((10.0, 12.0, 14.0)):
+        cells[f"ddim-eta0-50/seed{seed}"] = {"fid": fid, "inception_score": 9.0, "precision": 0.7, "recall": 0.8,
+                                             "images_per_s": 5.0}
+    rows = table(cells, [Setting("ddim", 50), Setting("ancestral", 1000, True)])
+    assert rows[0]["fid"] == 12.0 and rows[0]["fid_sd"] == pytest.approx(statistics.stdev([10, 12, 14]))
+    assert rows[0]["seeds"] == 3 and rows[1]["seeds"] == 0 and rows[1]["fid"] is None
