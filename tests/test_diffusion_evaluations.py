@@ -69,3 +69,29 @@ def test_table_reports_mean_and_sd_over_the_seeds_and_marks_missing_rows():
     rows = table(cells, [Setting("ddim", 50), Setting("ancestral", 1000, True)])
     assert rows[0]["fid"] == 12.0 and rows[0]["fid_sd"] == pytest.approx(statistics.stdev([10, 12, 14]))
     assert rows[0]["seeds"] == 3 and rows[1]["seeds"] == 0 and rows[1]["fid"] is None
+
+
+def test_guided_settings_have_their_own_keys_and_options():
+    from agm.diffusion.evaluations import CFG, CLASSIFIER
+
+    keys = [s.key for s in CFG + CLASSIFIER]
+    assert len(set(keys)) == len(keys) and "dpmsolver++-20-w2" in keys and "dpmsolver++-20-s4" in keys
+    assert all(s.conditional for s in CFG + CLASSIFIER) and not Setting("ddim", 5).conditional
+    assert CFG[0].options()["guidance"] == -1.0 and CLASSIFIER[1].options()["classifier_scale"] == 1.0
+
+
+def test_measure_reports_the_accuracy_on_the_requested_digit(tmp_path, monkeypatch):
+    from agm.diffusion.noise_classifier import NoiseClassifier, NoiseClassifierConfig
+
+    for name in ("classifier",):
+        for suffix in (".pt", ".json"):
+            shutil.copy(checkpoint_dir() / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    assert main(["train", "ddpm-cfg", "--smoke", "--out-dir", str(tmp_path)]) == 0
+    monkeypatch.setenv("AGM_CHECKPOINTS", str(tmp_path))
+    model, _ = registry.load_model("ddpm-cfg")
+    cell = evaluations.measure(model, Setting("ddim", 2, guidance=1.0), seed=0, n=130)
+    assert cell["n_samples"] == 130 and 0 <= cell["label_accuracy"] <= 1 and cell["images_per_s"] > 0
+    # classifier guidance steers an unconditional model; here the conditional net's null label plays it
+    classifier = NoiseClassifier(NoiseClassifierConfig(channels=8, multipliers=(1, 1)))
+    with pytest.raises(ValueError, match="classifier-free"):
+        evaluations.measure(model, Setting("ddim", 2, guidance=1.0, classifier_scale=1.0), 0, 130, classifier)

@@ -141,3 +141,83 @@ def test_linear_gaussian_refuses_bad_input():
     with pytest.raises(ValueError, match="steps"):
         chain = LinearGaussianReverse(torch.ones(3), torch.zeros(3), torch.ones(3))
         chain.bound_terms(small_schedule(), torch.zeros(1))
+
+
+# -- the components as classes: the oracles of guidance --------------------------------------------
+
+def points(lo: float = -2.0, hi: float = 2.0, n: int = 41) -> torch.Tensor:
+    return torch.linspace(lo, hi, n, dtype=torch.float64).view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("t", [0, 150, 700])
+def test_component_posterior_is_bayes_rule_and_its_gradient_the_score_difference(t):
+    """p_t(k | x) against w_k N(x; mu_k, var_k) / sum_j, written from normal_log_density; and
+    d/dx log p_t(k | x) = d/dx log N(x; mu_k, var_k) - d/dx log q_t(x). Catches a posterior at the wrong
+    noise level (e.g. the clean components), a missing prior weight or a gradient cut by a detach."""
+    from agm.diffusion.toy import ComponentPosterior
+
+    schedule, mix = NoiseSchedule(), two_bumps()
+    abar = schedule.alpha_bar(t).item()
+    x = points().requires_grad_(True)
+    log_post = ComponentPosterior(mix, schedule)(x, torch.full((len(x),), t))
+    mu, var = math.sqrt(abar) * mix.means, abar * mix.stds**2 + 1 - abar
+    joint = mix.weights.log() + normal_log_density(x.detach().reshape(-1, 1), mu, var)  # (N, K)
+    assert torch.allclose(log_post.detach(), joint - joint.logsumexp(1, keepdim=True), atol=1e-10)
+    for k in range(2):
+        (grad,) = torch.autograd.grad(log_post[:, k].sum(), x, retain_graph=True)
+        expected = -(x.detach().reshape(-1) - mu[k]) / var[k] - mix.score(x.detach().reshape(-1), abar)
+        assert torch.allclose(grad.reshape(-1), expected, atol=1e-9)
+
+
+def test_exact_conditional_predictor_is_each_component_alone_and_the_mixture_for_the_null_label():
+    """Label k: the exact ε of the one-component mixture k; label K or None: the exact ε of the whole
+    mixture (ExactNoisePredictor, computed from the mixture's score). Catches labels mapped to the wrong
+    component, a null label that is not the mixture, or the responsibilities at the wrong noise level."""
+    from agm.diffusion.toy import ExactConditionalNoisePredictor, ExactNoisePredictor
+
+    schedule, mix = NoiseSchedule(), two_bumps()
+    model, x = ExactConditionalNoisePredictor(mix, schedule), points()
+    for t in (0, 300, 999):
+        tt = torch.full((len(x),), t)
+        for k in range(2):
+            alone = GaussianMixture1D(mix.means[k : k + 1], mix.stds[k : k + 1], torch.ones(1))
+            expected = ExactNoisePredictor(alone, schedule)(x, tt)
+            assert torch.allclose(model(x, tt, torch.full_like(tt, k)), expected, atol=1e-10)
+        unconditional = ExactNoisePredictor(mix, schedule)(x, tt)
+        assert torch.allclose(model(x, tt, torch.full_like(tt, 2)), unconditional, atol=1e-10)
+        assert torch.allclose(model(x, tt), unconditional, atol=1e-10)
+    mixed = torch.arange(len(x)) % 3  # both components and the null label in one batch
+    tt = torch.full((len(x),), 200)
+    rows = [model(x[i : i + 1], tt[i : i + 1], mixed[i : i + 1]) for i in range(len(x))]
+    assert torch.allclose(model(x, tt, mixed), torch.cat(rows))  # each example gets its own label
+    with pytest.raises(ValueError, match="0..2"):
+        model(x[:1], tt[:1], torch.tensor([3]))
+
+
+@pytest.mark.parametrize("w", [-1.0, 0.0, 0.5, 3.0])
+def test_classifier_free_guidance_is_classifier_guidance_with_the_implicit_classifier(w):
+    """(1 + w) eps(x, k) - w eps(x) = eps(x) - (1 + w) sqrt(1 - abar) grad log p_t(k | x) with the exact
+    models of mixture data: CFG at weight w is classifier guidance at scale s = 1 + w by Bayes' rule."""
+    from agm.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance
+    from agm.diffusion.toy import ComponentPosterior, ExactConditionalNoisePredictor, ExactNoisePredictor
+
+    schedule, mix = NoiseSchedule(), two_bumps()
+    cfg = ClassifierFreeGuidance(ExactConditionalNoisePredictor(mix, schedule), w, num_classes=2)
+    cg = ClassifierGuidance(ExactNoisePredictor(mix, schedule), ComponentPosterior(mix, schedule), schedule, 1 + w)
+    x = points()
+    for t in (0, 100, 500):
+        tt = torch.full((len(x),), t)
+        for k in range(2):
+            y = torch.full_like(tt, k)
+            assert torch.allclose(cfg(x, tt, y), cg(x, tt, y), atol=1e-9)
+
+
+def test_guidance_oracles_refuse_a_batch_of_timesteps_or_images():
+    from agm.diffusion.toy import ComponentPosterior, ExactConditionalNoisePredictor
+
+    schedule, mix = NoiseSchedule(), two_bumps()
+    for model in (ComponentPosterior(mix, schedule), ExactConditionalNoisePredictor(mix, schedule)):
+        with pytest.raises(ValueError, match="one timestep"):
+            model(points(n=2), torch.tensor([3, 4]))
+        with pytest.raises(ValueError, match=r"\(B, 1, 1, 1\)"):
+            model(torch.zeros(2, 1, 28, 28), torch.tensor([3, 3]))

@@ -19,7 +19,7 @@ from torch import nn
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import batches, check_images, mnist, to_symmetric
 from agm.diffusion import losses
-from agm.diffusion.guidance import ClassifierFreeGuidance, drop_labels
+from agm.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance, drop_labels
 from agm.diffusion.samplers import SAMPLERS, VARIANCES, ancestral_sample
 from agm.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from agm.distributions import mean_and_standard_error
@@ -198,18 +198,24 @@ def sample_chain(model: DDPM, n: int, generator: torch.Generator | None = None, 
 def sample(model: DDPM, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
            steps: int | None = None, variance: str = "beta_tilde", sampler: str = "ancestral", eta: float = 0.0,
            clip_denoised: bool | None = None, guidance: float | None = None, solver: str = "heun",
-           langevin_steps: int = 5, step_size: float = 2e-5, batch_size: int = 500) -> torch.Tensor:
+           langevin_steps: int = 5, step_size: float = 2e-5, classifier: nn.Module | None = None,
+           classifier_scale: float = 1.0, batch_size: int = 500) -> torch.Tensor:
     """``spec.sample``: n images in [0, 1] from the chosen sampler, in batches of ``batch_size``.
 
     ``clip_denoised`` None keeps the sampler's own default, the reference implementation's: on for the
     ancestral and DDIM samplers (Ho et al., diffusers), off for DPM-Solver++. ``guidance`` w (a
     class-conditional model only) samples with the classifier-free guided prediction
-    (:class:`agm.diffusion.guidance.ClassifierFreeGuidance`); None uses the network as it is.
+    (:class:`agm.diffusion.guidance.ClassifierFreeGuidance`); a noisy-image ``classifier`` steers an
+    unconditional model towards ``labels`` with ``classifier_scale``
+    (:class:`agm.diffusion.guidance.ClassifierGuidance`). Neither: the network as it is.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if classifier is not None and (guidance is not None or labels is None):
+        raise ValueError("classifier guidance needs labels, and does not combine with classifier-free guidance")
     if model.config.unet.num_classes == 0:
-        refuse_labels(labels)
+        if classifier is None:
+            refuse_labels(labels)
         if guidance is not None:
             raise ValueError("guidance needs a class-conditional model")
     if sampler not in SAMPLERS:
@@ -225,7 +231,12 @@ def sample(model: DDPM, n: int, generator: torch.Generator | None = None, labels
             raise ValueError(f"the {sampler} sampler has no clipping option")
         options["clip_denoised"] = clip_denoised
     model.eval()
-    net = model if guidance is None else ClassifierFreeGuidance(model, guidance, model.config.unet.num_classes)
+    net = model
+    if guidance is not None:
+        net = ClassifierFreeGuidance(model, guidance, model.config.unet.num_classes)
+    elif classifier is not None:
+        net = ClassifierGuidance(model, classifier.to(next(model.parameters()).device).eval(), model.schedule,
+                                 classifier_scale)
     out = []
     for i in range(0, n, batch_size):
         m = min(batch_size, n - i)

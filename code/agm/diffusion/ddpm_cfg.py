@@ -46,10 +46,17 @@ def add_sample_options(parser: argparse.ArgumentParser) -> None:
                              "0 = the conditional model, -1 = unconditional; diffusers' guidance_scale = 1 + w")
 
 
+def evaluate_full(model) -> dict:
+    from agm.diffusion import evaluations  # it samples through agm.diffusion.ddpm
+
+    return evaluations.evaluate_cfg_full(model)
+
+
 register(ModelSpec(
     name="ddpm-cfg", chapter=35,
     summary="class-conditional DDPM for classifier-free guidance (label dropout 0.1), EMA weights",
-    build=ddpm.build, train=train, sample=ddpm.sample, evaluate=ddpm.evaluate, conditional=True,
+    build=ddpm.build, train=train, sample=ddpm.sample, evaluate=ddpm.evaluate, evaluate_full=evaluate_full,
+    conditional=True,
     train_minutes=90.0, add_sample_options=add_sample_options,
     metric_sample_options=lambda: {**METRIC_SAMPLER, "steps": budget(METRIC_SAMPLER["steps"], 5)},
     samples="gray levels",

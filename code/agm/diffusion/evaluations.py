@@ -20,7 +20,7 @@ from torch import nn
 
 from agm import checkpoint
 from agm.diffusion import ddpm
-from agm.metrics import real_reference, sample_metrics
+from agm.metrics import classifier_outputs, real_reference, sample_metrics
 from agm.runtime import budget
 
 N_SAMPLES = 1000
@@ -37,15 +37,27 @@ class Setting:
     steps: int
     clip_denoised: bool | None = None  # None: the sampler's own default
     eta: float = 0.0
+    guidance: float | None = None  # classifier-free guidance weight w (ddpm-cfg)
+    classifier_scale: float | None = None  # classifier guidance scale s (ddpm steered by noise-classifier)
 
     @property
     def key(self) -> str:
         clip = {None: "", True: "-clip", False: "-noclip"}[self.clip_denoised]
         eta = f"-eta{self.eta:g}" if self.sampler == "ddim" else ""
-        return f"{self.sampler}{eta}-{self.steps}{clip}"
+        w = "" if self.guidance is None else f"-w{self.guidance:g}"
+        scale = "" if self.classifier_scale is None else f"-s{self.classifier_scale:g}"
+        return f"{self.sampler}{eta}-{self.steps}{clip}{w}{scale}"
+
+    @property
+    def conditional(self) -> bool:
+        return self.guidance is not None or self.classifier_scale is not None
 
     def options(self) -> dict:
         options = {"sampler": self.sampler, "steps": self.steps, "clip_denoised": self.clip_denoised}
+        if self.guidance is not None:
+            options["guidance"] = self.guidance
+        if self.classifier_scale is not None:
+            options["classifier_scale"] = self.classifier_scale
         return options | ({"eta": self.eta} if self.sampler == "ddim" else {})
 
 
@@ -63,16 +75,27 @@ def plan(settings: list[Setting], seeds=SEEDS) -> list[tuple[Setting, int]]:
     return sorted(((s, seed) for s in unique for seed in seeds), key=lambda c: (c[0].steps, c[1], c[0].key))
 
 
-def measure(model: nn.Module, setting: Setting, seed: int, n: int) -> dict[str, float]:
-    """One cell: the kit on n samples of ``setting`` drawn from seed ``seed``, with the time they took."""
+def measure(model: nn.Module, setting: Setting, seed: int, n: int,
+            classifier: nn.Module | None = None) -> dict[str, float]:
+    """One cell: the kit on n samples of ``setting`` drawn from seed ``seed``, with the time they took.
+
+    A guided setting draws the digits 0..9 in turn and also reports ``label_accuracy``, the kit
+    classifier's agreement with the requested digit.
+    """
+    labels = torch.arange(n) % 10 if setting.conditional else None
+    extra = {"classifier": classifier} if setting.classifier_scale is not None else {}
     start = time.perf_counter()
-    images = ddpm.sample(model, n, torch.Generator().manual_seed(seed), **setting.options())
+    images = ddpm.sample(model, n, torch.Generator().manual_seed(seed), labels, **setting.options(), **extra)
     seconds = time.perf_counter() - start
-    return {**sample_metrics(images), "seconds": seconds, "images_per_s": n / seconds}
+    metrics = {**sample_metrics(images), "seconds": seconds, "images_per_s": n / seconds}
+    if labels is not None:
+        predicted = classifier_outputs(images)[1].argmax(1)
+        metrics["label_accuracy"] = (predicted == labels).float().mean().item()
+    return metrics
 
 
 def fill(name: str, model: nn.Module, settings: list[Setting], seeds=SEEDS, n: int | None = None,
-         log: Callable[[str], None] = print) -> dict[str, dict]:
+         log: Callable[[str], None] = print, classifier: nn.Module | None = None) -> dict[str, dict]:
     """Measure every cell that the manifest of ``name`` does not hold yet, storing each when done."""
     n = n or budget(N_SAMPLES, 200)
     cells = dict(checkpoint.read_manifest(name).metrics.get(KEY, {}))
@@ -83,7 +106,7 @@ def fill(name: str, model: nn.Module, settings: list[Setting], seeds=SEEDS, n: i
         if cell in cells:
             continue
         log(f"{name}: {cell} ({n} samples) ...")
-        cells[cell] = measure(model, setting, seed, n)
+        cells[cell] = measure(model, setting, seed, n, classifier)
         checkpoint.update_metrics(name, {KEY: cells})
         log(f"{name}: {cell}: FID {cells[cell]['fid']:.2f} in {cells[cell]['seconds']:.0f} s")
     return cells
@@ -96,14 +119,36 @@ def table(cells: dict[str, dict], settings: list[Setting]) -> list[dict]:
         done = [v for k, v in cells.items() if k.split("/")[0] == s.key]
         row = {"setting": s.key, "sampler": s.sampler, "steps": s.steps, "eta": s.eta, "clip": s.clip_denoised,
                "seeds": len(done)}
-        for m in (*KIT, "images_per_s"):
-            values = [d[m] for d in done]
+        for m in (*KIT, "images_per_s", "label_accuracy"):
+            values = [d[m] for d in done if m in d]
             row[m] = statistics.fmean(values) if values else None
             row[f"{m}_sd"] = statistics.stdev(values) if len(values) > 1 else None
         rows.append(row)
     return rows
 
 
+# Chapter 41: the guidance weight of ddpm-cfg, and the scale of classifier guidance on ddpm
+GUIDANCE_WEIGHTS = (-1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
+CLASSIFIER_SCALES = (0.0, 1.0, 2.0, 4.0, 8.0)
+GUIDED_SAMPLER = {"sampler": "dpmsolver++", "steps": 20}
+CFG = [Setting(**GUIDED_SAMPLER, guidance=w) for w in GUIDANCE_WEIGHTS]
+CLASSIFIER = [Setting(**GUIDED_SAMPLER, classifier_scale=s) for s in CLASSIFIER_SCALES]
+
+
 def evaluate_full(model: nn.Module) -> dict:
-    """``evaluate ddpm --full``: the clipping table first (Chapters 31-32), then the steps table (Chapter 40)."""
+    """``evaluate ddpm --full``: the clipping table (Chapters 31-32) and the steps table (Chapter 40)."""
     return {KEY: fill("ddpm", model, CLIPPING + STEPS)}
+
+
+def evaluate_cfg_full(model: nn.Module) -> dict:
+    """``evaluate ddpm-cfg --full``: the sweep over the guidance weight w (Chapter 41)."""
+    return {KEY: fill("ddpm-cfg", model, CFG)}
+
+
+def evaluate_classifier_guidance_full(classifier: nn.Module) -> dict:
+    """``evaluate noise-classifier --full``: ``ddpm`` steered by this classifier over the scale s (Chapter 41)."""
+    from agm import registry
+
+    model, manifest = registry.load_model("ddpm")
+    return {KEY: fill("noise-classifier", model, CLASSIFIER, classifier=classifier),
+            "guided_ddpm_sha256": manifest.sha256}

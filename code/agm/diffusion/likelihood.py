@@ -72,24 +72,51 @@ def gaussian_log_density(x: torch.Tensor, var: float) -> torch.Tensor:
     return -0.5 * (x.double() ** 2).flatten(1).sum(1) / var - 0.5 * d * math.log(2 * math.pi * var)
 
 
+SPACINGS = ("uniform", "log-sigma")
+
+
+def path_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "uniform") -> list[int]:
+    r"""The ascending timesteps of the likelihood's path, from 0 to T - 1.
+
+    "uniform": ``schedule.timesteps(steps)``, even in t, as the samplers walk. "log-sigma": for each of
+    ``steps`` levels evenly spaced in $\log\sigma$ from $\sigma_0$ to $\sigma_{T-1}$, the timestep whose
+    $\sigma_t$ is nearest in $\log\sigma$; repeats are dropped where the integer grid is coarser than
+    the levels (near t = 0, where $\sigma_1/\sigma_0$ is largest), so fewer than ``steps`` may come back.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if spacing == "uniform":
+        return schedule.timesteps(steps).tolist()
+    schedule.timesteps(steps)  # validates steps
+    log_sigma = torch.stack([sigma_ve(schedule, t) for t in range(schedule.num_timesteps)]).log()  # (T,)
+    # $\log\sigma^{(k)} = \log\sigma_0 + \frac{k}{S-1}(\log\sigma_{T-1} - \log\sigma_0)$
+    levels = torch.linspace(log_sigma[0].item(), log_sigma[-1].item(), steps, dtype=torch.float64)
+    nearest = (log_sigma[None, :] - levels[:, None]).abs().argmin(1)  # (S,)
+    return torch.unique(nearest).tolist()
+
+
 def probability_flow_log_likelihood(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
                                     steps: int | None = None, solver: str = "heun", probes: int | None = 1,
                                     generator: torch.Generator | None = None,
-                                    labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                                    labels: torch.Tensor | None = None,
+                                    spacing: str = "uniform") -> dict[str, torch.Tensor]:
     r"""$\log p_{\sigma_0}(x_0)$ in nats per example, for x_0 in the model's space, through the ODE.
 
-    The path runs upward through ``schedule.timesteps(steps)``, from $\sigma_0 = \sigma_{\tau_1}$ to
-    $\sigma_{\max} = \sigma_{T-1}$, by Euler steps or Heun steps (the trapezoid rule for the divergence
-    integral, two network calls a step). The prior is the model's $x_T \sim \mathcal N(0, I)$, i.e.
-    $\bar x \sim \mathcal N(0, I/\bar\alpha_{T-1})$. ``probes`` Rademacher vectors per example estimate
-    each divergence; None uses the exact trace. Returns ``log_prob``, its ``prior`` and ``divergence``
-    parts, and the end point ``x_T`` (in the model's x_t scale).
+    The path runs upward through ``path_timesteps(schedule, steps, spacing)``, from $\sigma_0 = \sigma_{\tau_1}$
+    to $\sigma_{\max} = \sigma_{T-1}$, by Euler steps or Heun steps in $\sigma$ (two network calls a step).
+    The divergence integral is taken in $\lambda = \log\sigma$,
+    $\int \nabla\cdot f\, d\sigma = \int \sigma\,\nabla\cdot f\, d\lambda$, by the left-point rule (Euler)
+    or the trapezoid rule (Heun) at the same points: near the data $\nabla\cdot f$ grows like
+    $1/\sigma$, and $\sigma\,\nabla\cdot f$ stays bounded. The prior is the model's
+    $x_T \sim \mathcal N(0, I)$, i.e. $\bar x \sim \mathcal N(0, I/\bar\alpha_{T-1})$. ``probes`` Rademacher
+    vectors per example estimate each divergence; None uses the exact trace. Returns ``log_prob``, its
+    ``prior`` and ``divergence`` parts, and the end point ``x_T`` (in the model's x_t scale).
     """
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
     if probes is not None and probes < 1:
         raise ValueError(f"probes must be >= 1 or None (exact trace), got {probes}")
-    tau = schedule.timesteps(schedule.num_timesteps if steps is None else steps).tolist()
+    tau = path_timesteps(schedule, schedule.num_timesteps if steps is None else steps, spacing)
     if len(tau) < 2:
         raise ValueError("the path needs at least 2 timesteps")
     z = None if probes is None else rademacher((probes, *x0.shape), generator).to(x0.device)
@@ -106,13 +133,19 @@ def probability_flow_log_likelihood(model: nn.Module, schedule: NoiseSchedule, x
     xbar, divergence = x0, torch.zeros(len(x0), dtype=torch.float64, device=x0.device)
     d, div = slope(xbar, tau[0])
     for lo, hi in zip(tau[:-1], tau[1:], strict=True):
-        h = (sigma_ve(schedule, hi) - sigma_ve(schedule, lo)).item()
+        sig_lo, sig_hi = sigma_ve(schedule, lo).item(), sigma_ve(schedule, hi).item()
+        h, h_log = sig_hi - sig_lo, math.log(sig_hi / sig_lo)
         x_end = xbar + h * d
         if solver == "heun":
             d_end, div_end = slope(x_end, hi)
-            # trapezoid: $\bar x_{hi} = \bar x_{lo} + \tfrac h2 (f_{lo} + f_{hi})$, same for $\int \nabla\cdot f$
-            x_end, div = xbar + 0.5 * h * (d + d_end), 0.5 * (div + div_end)
-        divergence += h * div
+            # $\bar x_{hi} = \bar x_{lo} + \tfrac h2 (f_{lo} + f_{hi})$
+            x_end = xbar + 0.5 * h * (d + d_end)
+            # $\int \sigma\,\nabla\cdot f\, d\lambda \approx
+            #   \tfrac{\Delta\lambda}2 (\sigma_{lo}\nabla\cdot f_{lo} + \sigma_{hi}\nabla\cdot f_{hi})$
+            divergence += 0.5 * h_log * (sig_lo * div + sig_hi * div_end)
+        else:
+            # $\int \sigma\,\nabla\cdot f\, d\lambda \approx \Delta\lambda\,\sigma_{lo}\nabla\cdot f_{lo}$
+            divergence += h_log * sig_lo * div
         xbar = x_end
         if hi != tau[-1]:
             d, div = slope(xbar, hi)

@@ -7,11 +7,12 @@ Gaussian decoder over the 256 gray levels. Every term is in nats, summed over th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from agm.diffusion.schedule import NoiseSchedule
-from agm.distributions import gaussian_kl
+from agm.distributions import diagonal_gaussian_log_prob, gaussian_kl
 
 
 def _sum_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +68,41 @@ def vlb_terms(schedule: NoiseSchedule, eps_pred: torch.Tensor, x0: torch.Tensor,
                                  var_p.log().expand_as(x0)))
     decoder = -_sum_pixels(discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * var_p.log().expand_as(x0)))
     return torch.where(t == 0, decoder, kl)
+
+
+def trajectory_elbo(eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
+                    x0: torch.Tensor, generator: torch.Generator | None = None,
+                    variance: str = "beta") -> dict[str, torch.Tensor]:
+    r"""The ELBO of the diffusion read as a hierarchical VAE, estimated on one trajectory per example.
+
+    Draws $x_{1:T} \sim q(x_{1:T} \mid x_0)$ from the fixed encoder (the forward chain) and returns two
+    estimates of the ELBO without its decoder term $\log p_\theta(x_0 \mid x_1)$, which they share:
+    "vae", the VAE's log-ratio
+    $\log p(x_T) + \sum_{t \ge 2} \log p_\theta(x_{t-1} \mid x_t) - \sum_{t \ge 1} \log q(x_t \mid x_{t-1})$, and
+    "kl", $-L_T - \sum_{t \ge 2} L_{t-1}$ with each KL of :func:`vlb_terms` at the trajectory's $x_t$: the
+    same expectation, with every $x_{t-1}$ integrated out given $(x_t, x_0)$. Both (B,), in nats.
+    ``eps_model(x_t, t)`` takes timesteps (B,); T calls of it.
+    """
+    vae = torch.zeros(len(x0), dtype=x0.dtype, device=x0.device)
+    kl = -prior_term(schedule, x0)  # $-L_T$
+    x_prev = x0
+    for k in range(schedule.num_timesteps):  # code timestep k is the papers' t = k + 1
+        t = torch.full((len(x0),), k, device=x0.device)
+        a, b = schedule.alphas[k].item(), schedule.betas[k].item()
+        # encoder: $x_t = \sqrt{\alpha_t}\,x_{t-1} + \sqrt{\beta_t}\,z$, and $-\log q(x_t \mid x_{t-1})$
+        x = math.sqrt(a) * x_prev + math.sqrt(b) * torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        vae -= diagonal_gaussian_log_prob(x.flatten(1), math.sqrt(a) * x_prev.flatten(1), math.log(b))
+        if k >= 1:
+            eps = eps_model(x, t)
+            # decoder layer: $+\log p_\theta(x_{t-1} \mid x_t)$, mean $\tilde\mu_t(x_t, \hat x_0)$
+            mean, _ = schedule.q_posterior(schedule.predict_x0(x, t, eps), x, t)
+            logvar = model_variance(schedule, t, x, variance).log().expand_as(x)
+            vae += diagonal_gaussian_log_prob(x_prev.flatten(1), mean.flatten(1), logvar.flatten(1))
+            # $-L_{t-1} = -\mathrm{KL}(q(x_{t-1} \mid x_t, x_0)\,\|\,p_\theta(x_{t-1} \mid x_t))$
+            kl -= vlb_terms(schedule, eps, x0, x, t, variance)
+        x_prev = x
+    vae += diagonal_gaussian_log_prob(x_prev.flatten(1))  # $+\log p(x_T)$, $p(x_T) = \mathcal N(0, I)$
+    return {"vae": vae, "kl": kl}
 
 
 def eps_mse_weight(schedule: NoiseSchedule, t: torch.Tensor, variance: str = "beta") -> torch.Tensor:

@@ -24,7 +24,7 @@ from agm.train import train_loop
 
 
 def noise_classifier_training() -> TrainConfig:
-    return TrainConfig(steps=4000, batch_size=128, lr=1e-3, lr_final=1e-5, warmup_steps=100, grad_clip=1.0)
+    return TrainConfig(steps=3000, batch_size=128, lr=1e-3, lr_final=1e-5, warmup_steps=100, grad_clip=1.0)
 
 
 @dataclass
@@ -127,8 +127,14 @@ def evaluate(model: NoiseClassifier) -> dict[str, float]:
     return {"accuracy_n": n, **{f"accuracy_t{t}": a for t, a in zip(timesteps, acc, strict=True)}}
 
 
+def evaluate_full(model: NoiseClassifier) -> dict:
+    from agm.diffusion import evaluations  # it loads and samples ddpm
+
+    return evaluations.evaluate_classifier_guidance_full(model)
+
+
 register(ModelSpec(
     name="noise-classifier", chapter=35,
     summary="time-conditioned classifier p(y | x_t, t) for classifier guidance (U-Net down path)",
-    build=build, train=train, evaluate=evaluate, train_minutes=20.0,
+    build=build, train=train, evaluate=evaluate, evaluate_full=evaluate_full, train_minutes=20.0,
 ))

@@ -5,9 +5,16 @@ is again a mixture, sum_k w_k N(sqrt(abar) m_k, abar s_k^2 + 1 - abar); its dens
 which lets Chapters 24, 28 and 31 check Tweedie's formula, the minimizer of the ε-MSE and the reverse
 transition against the truth.
 
+:class:`ComponentPosterior` and :class:`ExactConditionalNoisePredictor`: the mixture's components read as
+classes, with the exact classifier p_t(k | x_t) and the exact class-conditional ε, the oracles of guidance
+(Chapter 35).
+
 :class:`LinearGaussianReverse`: a reverse chain whose steps are Gaussian with means linear in x_t; every
 distribution of the chain is Gaussian, so log p(x_0), each term of the DDPM bound and the gap of the
 bound are closed forms (Chapters 26 and 28).
+
+:class:`GaussianMixture2D`: a mixture of isotropic Gaussians in the plane, with the same closed forms;
+its score is what Chapter 34 fits by score matching and samples by Langevin dynamics.
 """
 
 from __future__ import annotations
@@ -102,6 +109,145 @@ class ExactNoisePredictor(nn.Module):
         abar = self.schedule.alpha_bar(int(t[0])).item()
         score = self.mixture.score(x.reshape(-1), abar).to(x.dtype).view_as(x)
         return -math.sqrt(1 - abar) * score
+
+
+def _one_timestep(schedule: NoiseSchedule, x: torch.Tensor, t: torch.Tensor) -> float:
+    """abar of the single timestep ``t`` broadcast over a batch of points x (B, 1, 1, 1)."""
+    if x.shape[1:] != (1, 1, 1) or t.ndim != 1 or len(t) != len(x) or (t != t[0]).any():
+        raise ValueError("x must be (B, 1, 1, 1) and t one timestep broadcast over the batch")
+    return schedule.alpha_bar(int(t[0])).item()
+
+
+class ComponentPosterior(nn.Module):
+    r"""The exact classifier of mixture data, the components as classes: $\log p_t(k \mid x_t)$, (B, K).
+
+    Bayes' rule at noise level $\bar\alpha_t$, $p_t(k \mid x) = w_k\,\mathcal N(x; \mu_k, \sigma_k^2) / q_t(x)$ with
+    the noised components of :meth:`GaussianMixture1D.log_components`; differentiable in x, so
+    :class:`agm.diffusion.guidance.ClassifierGuidance` can take its gradient. Points are (B, 1, 1, 1).
+    """
+
+    def __init__(self, mixture: GaussianMixture1D, schedule: NoiseSchedule):
+        super().__init__()
+        self.mixture, self.schedule = mixture, schedule
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = _one_timestep(self.schedule, x, t)
+        # $\log p_t(k \mid x) = \log w_k\,\mathcal N(x; \mu_k, \sigma_k^2) - \log q_t(x)$
+        return self.mixture.log_components(x.reshape(-1), abar)[0].log_softmax(1).to(x.dtype)
+
+
+class ExactConditionalNoisePredictor(nn.Module):
+    r"""$\epsilon^*(x_t, t, k)$ for mixture data with the components as classes; label K is the null label.
+
+    Label k gives the ε of component k alone, $-\sqrt{1-\bar\alpha_t}\,(\mu_k - x)/\sigma_k^2$; the null label K
+    (or labels None) the mixture's, $\sum_k p_t(k \mid x)\,\epsilon^*(x, t, k)$ — what a class-conditional network
+    trained with label dropout would learn with unlimited capacity and data, for
+    :class:`agm.diffusion.guidance.ClassifierFreeGuidance` (``num_classes`` = K). Points are (B, 1, 1, 1).
+    """
+
+    def __init__(self, mixture: GaussianMixture1D, schedule: NoiseSchedule):
+        super().__init__()
+        self.mixture, self.schedule = mixture, schedule
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        abar, K = _one_timestep(self.schedule, x, t), len(self.mixture.weights)
+        labels = torch.full_like(t, K) if labels is None else labels
+        if labels.shape != t.shape or ((labels < 0) | (labels > K)).any():
+            raise ValueError(f"labels must be [B] integers in 0..{K} ({K} = null), got {labels.tolist()}")
+        log_comp, mu, var = self.mixture.log_components(x.reshape(-1), abar)
+        # $\epsilon^*(x, t, k) = -\sqrt{1-\bar\alpha_t}\,\nabla\log\mathcal N(x; \mu_k, \sigma_k^2)$, (B, K)
+        eps_k = -math.sqrt(1 - abar) * (mu - x.reshape(-1, 1).double()) / var
+        # $\epsilon^*(x, t) = \sum_k p_t(k \mid x)\,\epsilon^*(x, t, k)$ for the null label
+        eps = torch.cat([eps_k, (log_comp.softmax(1) * eps_k).sum(1, keepdim=True)], 1)  # (B, K + 1)
+        return eps.gather(1, labels.view(-1, 1).long()).to(x.dtype).view_as(x)
+
+
+@dataclass
+class GaussianMixture2D:
+    r"""$p(x) = \sum_k w_k\,\mathcal N(x; m_k, s_k^2 I)$ in the plane, float64; noised as :class:`GaussianMixture1D`."""
+
+    means: torch.Tensor  # (K, 2)
+    stds: torch.Tensor  # (K,): each component is isotropic
+    weights: torch.Tensor  # (K,), summing to 1
+
+    def __post_init__(self):
+        self.means, self.stds, self.weights = (torch.as_tensor(v, dtype=torch.float64)
+                                               for v in (self.means, self.stds, self.weights))
+        K = len(self.weights)
+        if self.means.shape != (K, 2) or self.stds.shape != (K,) or self.weights.ndim != 1:
+            raise ValueError("means must be (K, 2), stds and weights (K,)")
+        if (self.stds <= 0).any() or (self.weights < 0).any() or abs(self.weights.sum().item() - 1) > 1e-6:
+            raise ValueError("stds must be positive and weights a probability vector")
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws, float64: (n, 2)."""
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        return self.means[comp] + self.stds[comp, None] * z
+
+    def log_components(self, x: torch.Tensor, abar: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """log(w_k N(x; mu_k, var_k I)) at noise level abar, (N, K), with mu (K, 2) and var (K,)."""
+        if x.ndim != 2 or x.shape[1] != 2:
+            raise ValueError(f"x must have shape (N, 2), got {list(x.shape)}")
+        # $\mu_k = \sqrt{\bar\alpha}\,m_k$, $\sigma_k^2 = \bar\alpha s_k^2 + 1 - \bar\alpha$
+        mu, var = abar**0.5 * self.means, abar * self.stds**2 + (1 - abar)
+        sq = ((x.double()[:, None, :] - mu) ** 2).sum(-1)  # (N, K)
+        return self.weights.log() - 0.5 * sq / var - torch.log(2 * torch.pi * var), mu, var
+
+    def log_density(self, x: torch.Tensor, abar: float = 1.0) -> torch.Tensor:
+        """log q_t(x), (N,)."""
+        return self.log_components(x, abar)[0].logsumexp(1)
+
+    def responsibilities(self, x: torch.Tensor, abar: float = 1.0) -> torch.Tensor:
+        r"""$r_k(x) = w_k\mathcal N(x; \mu_k, \sigma_k^2 I) / q_t(x)$: (N, K)."""
+        return self.log_components(x, abar)[0].softmax(1)
+
+    def score(self, x: torch.Tensor, abar: float = 1.0) -> torch.Tensor:
+        r"""$\nabla_x \log q_t(x) = \sum_k r_k(x)\,(\mu_k - x)/\sigma_k^2$ at noise level ``abar``: (N, 2)."""
+        log_comp, mu, var = self.log_components(x, abar)
+        r = log_comp.softmax(1)  # (N, K)
+        return (r[:, :, None] * (mu - x.double()[:, None, :]) / var[:, None]).sum(1)
+
+    def smoothed(self, sigma: float) -> GaussianMixture2D:
+        r"""The law of $x + \sigma z$, $z \sim \mathcal N(0, I)$: the same mixture with $s_k^2 + \sigma^2$."""
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        return GaussianMixture2D(self.means, (self.stds**2 + sigma**2).sqrt(), self.weights)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Mean $\mu = \sum_k w_k m_k$ (2,) and covariance
+        $\sum_k w_k\big(s_k^2 I + (m_k - \mu)(m_k - \mu)^\top\big)$ (2, 2)."""
+        mean = self.weights @ self.means
+        d = self.means - mean
+        return mean, (self.weights * self.stds**2).sum() * torch.eye(2, dtype=torch.float64) + (
+            self.weights[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)
+
+
+def two_mode_mixture() -> GaussianMixture2D:
+    r"""Song & Ermon's (2019, Sec. 3.2.2) $\tfrac15\mathcal N((-5,-5), I) + \tfrac45\mathcal N((5,5), I)$."""
+    f64 = torch.float64
+    return GaussianMixture2D(torch.tensor([[-5.0, -5.0], [5.0, 5.0]], dtype=f64), torch.tensor([1.0, 1.0], dtype=f64),
+                             torch.tensor([0.2, 0.8], dtype=f64))
+
+
+class ExactNoisePredictor2D(nn.Module):
+    r"""$\epsilon^*(x_t, t) = -\sqrt{1-\bar\alpha_t}\,\nabla\log q_t(x_t)$ for data from a :class:`GaussianMixture2D`.
+
+    Points travel as (B, 2, 1, 1), the shape the samplers take; ``labels`` are refused.
+    """
+
+    def __init__(self, mixture: GaussianMixture2D, schedule: NoiseSchedule):
+        super().__init__()
+        self.mixture, self.schedule = mixture, schedule
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is not None:
+            raise ValueError("the exact noise predictor is unconditional")
+        if x.shape[1:] != (2, 1, 1) or t.ndim != 1 or len(t) != len(x) or (t != t[0]).any():
+            raise ValueError("x must be (B, 2, 1, 1) and t one timestep broadcast over the batch")
+        abar = self.schedule.alpha_bar(int(t[0])).item()
+        score = self.mixture.score(x.reshape(-1, 2), abar).to(x.dtype).view_as(x)
+        return -(1 - abar) ** 0.5 * score
 
 
 def normal_log_density(x: torch.Tensor, mean: torch.Tensor | float, var: torch.Tensor | float) -> torch.Tensor:
