@@ -1,4 +1,5 @@
-"""DDPM objectives (Chapters 26–28): the ELBO terms L_T, L_{t-1}, L_0 and L_simple.
+"""DDPM objectives (Chapters 26–28): the ELBO terms L_T, L_{t-1}, L_0 and L_simple; and the ELBO of the
+diffusion read as a hierarchical VAE, estimated on whole trajectories (Chapter 33).
 
 Images live in [-1, 1] (x = 2 * image - 1), as in Ho et al. (2020); L_0 is their discretized
 Gaussian decoder over the 256 gray levels. Every term is in nats, summed over the 784 pixels.
