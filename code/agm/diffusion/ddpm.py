@@ -18,7 +18,7 @@ from torch import nn
 
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import batches, check_images, mnist, to_symmetric
-from agm.diffusion import losses
+from agm.diffusion import losses, parameterization
 from agm.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance, drop_labels
 from agm.diffusion.samplers import SAMPLERS, VARIANCES, ancestral_sample
 from agm.diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -42,8 +42,12 @@ class DDPMConfig:
     # classifier-free guidance (Ho & Salimans, 2022): the probability that a training label is replaced
     # by the null label, so that one network learns eps(x_t, t, y) and eps(x_t, t, null); 0 = no dropout
     p_uncond: float = 0.0
+    # what the network outputs (diffusers' prediction_type): "epsilon", "sample" (x_0) or "v_prediction";
+    # the model converts it to ε, so every sampler works unchanged (Chapter 39)
+    prediction: str = "epsilon"
 
     def __post_init__(self):
+        parameterization.check_prediction(self.prediction)
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must lie in [0, 1), got {self.p_uncond}")
         if self.p_uncond > 0 and self.unet.num_classes == 0:
@@ -51,7 +55,7 @@ class DDPMConfig:
 
 
 class DDPM(nn.Module):
-    """An ε-prediction network together with the schedule it was trained for."""
+    """A U-Net together with the schedule it was trained for; called, it predicts ε whatever it outputs."""
 
     def __init__(self, config: DDPMConfig):
         super().__init__()
@@ -60,7 +64,11 @@ class DDPM(nn.Module):
         self.net = UNet(config.unet)
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(xt, t, labels)
+        out = self.net(xt, t, labels)
+        if self.config.prediction == "epsilon":
+            return out
+        abar = self.schedule._at(self.schedule.alphas_cumprod, t, xt)
+        return parameterization.to_epsilon(self.config.prediction, out, xt, abar)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -86,9 +94,22 @@ def noise_prediction_error(model: DDPM, x0: torch.Tensor, t: torch.Tensor, eps: 
     return ((model(xt, t, labels) - eps) ** 2).flatten(1).mean(1)
 
 
+def prediction_error(model: DDPM, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                     labels: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Per-example MSE of the network's own output against its target (ε, x_0 or v): (B,).
+
+    For an ε-network this is :func:`noise_prediction_error`; an x_0- or v-network regresses its own
+    target, $\frac1D\|x_0 - \hat x_\theta\|^2$ or $\frac1D\|v - \hat v_\theta\|^2$.
+    """
+    xt = model.schedule.q_sample(x0, t, eps)
+    abar = model.schedule._at(model.schedule.alphas_cumprod, t, x0)
+    goal = parameterization.target(model.config.prediction, x0, eps, abar)
+    return ((model.net(xt, t, labels) - goal) ** 2).flatten(1).mean(1)
+
+
 def training_loss(model: DDPM, x0: torch.Tensor, generator: torch.Generator | None = None,
                   labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L_simple on a batch of [-1, 1] images: t ~ U{0..T-1}, eps ~ N(0, I), regress eps from x_t.
+    """L_simple on a batch of [-1, 1] images: t ~ U{0..T-1}, eps ~ N(0, I), regress eps (or x_0, or v) from x_t.
 
     Returns the loss and, as logs, the timesteps and each example's squared error (for the
     loss-per-timestep diagnostic of Chapter 29). With ``labels`` and ``config.p_uncond`` > 0 each
@@ -100,7 +121,7 @@ def training_loss(model: DDPM, x0: torch.Tensor, generator: torch.Generator | No
     t = torch.randint(model.schedule.num_timesteps, (len(x0),), generator=generator).to(x0.device)  # (B,)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # (B, C, H, W)
     # $L_\text{simple} = \mathbb E\,\|\epsilon - \epsilon_\theta(x_t, t)\|^2$ (mean over pixels and batch)
-    mse = noise_prediction_error(model, x0, t, eps, labels)  # (B,)
+    mse = prediction_error(model, x0, t, eps, labels)  # (B,): the ε-MSE for an ε-network
     return mse.mean(), {"t": t, "mse": mse.detach()}
 
 
