@@ -110,7 +110,7 @@ def dpm_solver_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tens
                       labels: torch.Tensor | None = None,
                       callback: Callback | None = None) -> torch.Tensor:
     r"""DPM-Solver++(2M) (Lu et al., 2022): the second-order multistep solver of the probability-flow ODE
-    in the data prediction $D_t = \hat x_0(x_t)$ and the log-SNR $\lambda_t = \log(lpha_t/\sigma_t)$.
+    in the data prediction $D_t = \hat x_0(x_t)$ and the log-SNR $\lambda_t = \log(\alpha_t/\sigma_t)$.
 
     The first step is first order (DDIM with η = 0: there is no earlier D yet), and so is the last, to
     σ = 0, where $\lambda = \infty$ and the step returns $D$ at the final timestep — as diffusers'
@@ -123,7 +123,7 @@ def dpm_solver_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tens
     def update(x: torch.Tensor, t: int, s: int) -> torch.Tensor:
         a_t = schedule.alpha_bar(t).to(x.dtype)
         alpha_t, sigma_t = a_t.sqrt(), (1 - a_t).sqrt()
-        # $D_t = (x_t - \sigma_t \epsilon_	heta) / lpha_t$
+        # $D_t = (x_t - \sigma_t \epsilon_\theta) / \alpha_t$
         d = (x - sigma_t * predict_eps(model, x, t, labels)) / alpha_t
         if clip_denoised:
             d = d.clamp(-1, 1)
@@ -133,10 +133,10 @@ def dpm_solver_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tens
         alpha_s, sigma_s = a_s.sqrt(), (1 - a_s).sqrt()
         lam_t, lam_s = (alpha_t / sigma_t).log(), (alpha_s / sigma_s).log()
         h = lam_s - lam_t
-        # first order: $x_s = rac{\sigma_s}{\sigma_t} x_t - lpha_s (e^{-h} - 1) D_t$
+        # first order: $x_s = \frac{\sigma_s}{\sigma_t} x_t - \alpha_s (e^{-h} - 1) D_t$
         x_next = sigma_s / sigma_t * x - alpha_s * torch.expm1(-h) * d
         if previous:
-            # second order: $- 	frac12 lpha_s (e^{-h} - 1) (D_t - D_r) / r$, $r = (\lambda_t - \lambda_r) / h$
+            # second order: $- \tfrac12 \alpha_s (e^{-h} - 1) (D_t - D_r) / r$, $r = (\lambda_t - \lambda_r) / h$
             r = (lam_t - previous["lam"]) / h
             x_next = x_next - 0.5 * alpha_s * torch.expm1(-h) * (d - previous["d"]) / r
         previous.update(d=d, lam=lam_t)
@@ -149,8 +149,8 @@ def dpm_solver_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tens
 def ddim_invert(model: nn.Module, schedule: NoiseSchedule, x_0: torch.Tensor, steps: int | None = None,
                 labels: torch.Tensor | None = None, callback: Callback | None = None) -> torch.Tensor:
     r"""Deterministic DDIM encoding x_0 -> x_T (Song et al., 2021, Sec. 5.4): the η = 0 update run
-    upward through $	au_1 < \dots < 	au_S$, $x_t = \sqrt{arlpha_t}\,\hat x_0 + \sqrt{1-arlpha_t}\,\hat\epsilon$
-    with $\hat\epsilon = \epsilon_	heta(x_s, s)$ taken at the step's start (at $	au_1$ for the first step,
+    upward through $\tau_1 < \dots < \tau_S$,
+    $x_t = \sqrt{\bar\alpha_t}\,\hat x_0 + \sqrt{1-\bar\alpha_t}\,\hat\epsilon$ with $\hat\epsilon = \epsilon_\theta(x_s, s)$ taken at the step's start (at $\tau_1$ for the first step,
     from the data). :func:`ddim_sample` with the same ``steps`` and η = 0, unclipped, decodes it back,
     exactly as the number of steps grows. ``callback(t, x)`` uses the paper's time index.
     """
@@ -173,9 +173,8 @@ def ddim_invert(model: nn.Module, schedule: NoiseSchedule, x_0: torch.Tensor, st
 def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     r"""Spherical interpolation of two noise tensors (per example): keeps the norm a Gaussian x_T should have.
 
-    $\mathrm{slerp}(a, b; w) = rac{\sin((1-w)	heta)}{\sin	heta} a + rac{\sin(w	heta)}{\sin	heta} b$,
-    $\cos	heta = \langle a, b
-angle / (\|a\|\|b\|)$ (Shoemake, 1985; Song et al., 2021, Sec. 5.4).
+    $\mathrm{slerp}(a, b; w) = \frac{\sin((1-w)\theta)}{\sin\theta} a + \frac{\sin(w\theta)}{\sin\theta} b$,
+    $\cos\theta = \langle a, b\rangle / (\|a\|\|b\|)$ (Shoemake, 1985; Song et al., 2021, Sec. 5.4).
     """
     if a.shape != b.shape:
         raise ValueError(f"a and b must have one shape, got {list(a.shape)} and {list(b.shape)}")
