@@ -150,8 +150,8 @@ def ddim_invert(model: nn.Module, schedule: NoiseSchedule, x_0: torch.Tensor, st
                 labels: torch.Tensor | None = None, callback: Callback | None = None) -> torch.Tensor:
     r"""Deterministic DDIM encoding x_0 -> x_T (Song et al., 2021, Sec. 5.4): the η = 0 update run
     upward through $\tau_1 < \dots < \tau_S$,
-    $x_t = \sqrt{\bar\alpha_t}\,\hat x_0 + \sqrt{1-\bar\alpha_t}\,\hat\epsilon$ with $\hat\epsilon = \epsilon_\theta(x_s, s)$
-    taken at the step's start (at $\tau_1$ for the first step,
+    $x_t = \sqrt{\bar\alpha_t}\,\hat x_0 + \sqrt{1-\bar\alpha_t}\,\hat\epsilon$ with
+    $\hat\epsilon = \epsilon_\theta(x_s, s)$ taken at the step's start (at $\tau_1$ for the first step,
     from the data). :func:`ddim_sample` with the same ``steps`` and η = 0, unclipped, decodes it back,
     exactly as the number of steps grows. ``callback(t, x)`` uses the paper's time index.
     """
