@@ -94,6 +94,15 @@ def test_precision_recall_on_point_clouds():
         metrics.precision_recall(real, torch.randn(3, 4))
 
 
+def test_cached_reference_radii_give_the_same_precision_and_recall(test_images):
+    """The kit passes the reference set's cached k-NN radii; they must be the ones it would compute."""
+    ref = metrics.reference_stats()
+    feats, _ = metrics.classifier_outputs(test_images[0][:300])
+    cached = metrics.precision_recall(ref["features"], feats, metrics.PR_K, ref[metrics.REFERENCE_RADII])
+    assert cached == metrics.precision_recall(ref["features"], feats, metrics.PR_K)
+    assert ref[metrics.REFERENCE_RADII].shape == (len(ref["features"]),)
+
+
 def test_gaussian_stats_need_more_samples_than_dimensions():
     with pytest.raises(ValueError, match="more samples than feature dimensions"):
         metrics.gaussian_stats(torch.randn(10, 128))

@@ -131,15 +131,20 @@ def _inside_manifold(query: torch.Tensor, support: torch.Tensor, radii: torch.Te
     return torch.cat(inside)
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3,
+                     real_radii: torch.Tensor | None = None) -> tuple[float, float]:
     """Kynkäänniemi et al. (2019): precision = share of fakes inside the real manifold,
-    recall = share of reals inside the fake manifold; a manifold is the union of k-NN balls."""
+    recall = share of reals inside the fake manifold; a manifold is the union of k-NN balls.
+
+    ``real_radii``: the k-NN radii of ``real``, when already known (the reference set's are cached).
+    """
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"features must be [N, d] with the same d, got {list(real.shape)}, {list(fake.shape)}")
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} points in each set")
     real, fake = real.float(), fake.float()
-    precision = _inside_manifold(fake, real, _kth_neighbour_radii(real, k)).double().mean()
+    radii = _kth_neighbour_radii(real, k) if real_radii is None else real_radii
+    precision = _inside_manifold(fake, real, radii).double().mean()
     recall = _inside_manifold(real, fake, _kth_neighbour_radii(fake, k)).double().mean()
     return float(precision), float(recall)
 
@@ -171,28 +176,35 @@ def classifier_outputs(images: torch.Tensor, batch_size: int = 1000) -> tuple[to
     return torch.cat(feats), torch.cat(probs)
 
 
+PR_K = 3  # the k of the kit's precision and recall
+REFERENCE_RADII = f"radii_k{PR_K}"
+
+
 def reference_stats() -> dict[str, torch.Tensor]:
-    """Features, mean and covariance of the 10 000 test images, cached per classifier sha256."""
+    """Features, mean, covariance and k-NN radii of the 10 000 test images, cached per classifier sha256."""
     _, sha = classifier()
     path = data_root() / "cache" / f"metrics-reference-{sha[:16]}.pt"
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    x, _ = mnist("test")
-    feats, probs = classifier_outputs(x)
-    mu, sigma = gaussian_stats(feats)
-    stats = {"features": feats, "probs": probs, "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}
+    stats = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    if stats is not None and REFERENCE_RADII in stats:
+        return stats
+    if stats is None:
+        x, _ = mnist("test")
+        feats, probs = classifier_outputs(x)
+        mu, sigma = gaussian_stats(feats)
+        stats = {"features": feats, "probs": probs, "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}
+    stats[REFERENCE_RADII] = _kth_neighbour_radii(stats["features"].float(), PR_K)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(stats, path)
     return stats
 
 
-def sample_metrics(images: torch.Tensor, k: int = 3) -> dict[str, float]:
+def sample_metrics(images: torch.Tensor, k: int = PR_K) -> dict[str, float]:
     """The kit: FID (MNIST classifier), IS, precision, recall and class coverage of ``images``."""
     check_images(images)
     ref = reference_stats()
     feats, probs = classifier_outputs(images)
     mu, sigma = gaussian_stats(feats)
-    precision, recall = precision_recall(ref["features"], feats, k)
+    precision, recall = precision_recall(ref["features"], feats, k, ref[REFERENCE_RADII] if k == PR_K else None)
     coverage, tv = class_coverage(probs)
     return {
         "fid": frechet_distance(mu, sigma, ref["mu"].numpy(), ref["sigma"].numpy()),
