@@ -413,6 +413,17 @@ def test_slerp_keeps_the_norm_and_the_end_points():
         slerp(a, b[:1], 0.5)
 
 
+def test_slerp_of_parallel_tensors_is_the_chord_not_nan():
+    """θ = 0 makes the formula 0/0: slerp(a, a) must return a, slerp(a, 2a) the point on the segment."""
+    from agm.diffusion.samplers import slerp
+
+    a = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(slerp(a, a, 0.3), a, atol=1e-6)
+    assert torch.allclose(slerp(a, 2 * a, 0.5), 1.5 * a, atol=1e-5)
+    nearly = a + 1e-3 * torch.randn(a.shape, generator=torch.Generator().manual_seed(1))  # just above the switch
+    assert torch.allclose(slerp(a, nearly, 0.5), (a + nearly) / 2, atol=1e-4)
+
+
 @pytest.mark.parametrize("t, s", [(999, 998), (500, 499), (500, 400), (10, -1)])
 def test_ddim_with_eta_one_is_the_ancestral_step(t, s):
     """η = 1 gives σ² = β̃ of the (respaced) step, and the update is the posterior mean plus that noise."""

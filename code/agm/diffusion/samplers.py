@@ -182,8 +182,12 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     fa, fb = a.flatten(1), b.flatten(1)
     cos = (fa * fb).sum(1) / (fa.norm(dim=1) * fb.norm(dim=1))
     theta = cos.clamp(-1, 1).acos()[:, None]  # (B, 1)
-    out = (torch.sin((1 - w) * theta) * fa + torch.sin(w * theta) * fb) / torch.sin(theta)
-    return out.view_as(a)
+    # parallel a and b ($\theta \to 0$): the weights tend to $1 - w$ and $w$, where the formula is 0/0
+    arc = theta > 1e-4
+    sin = torch.sin(theta).clamp(min=1e-12)
+    w_a = torch.where(arc, torch.sin((1 - w) * theta) / sin, torch.full_like(theta, 1 - w))
+    w_b = torch.where(arc, torch.sin(w * theta) / sin, torch.full_like(theta, w))
+    return (w_a * fa + w_b * fb).view_as(a)
 
 
 def sigma_ve(schedule: NoiseSchedule, t: int) -> torch.Tensor:
