@@ -41,7 +41,7 @@ def smoke_ddpm(tmp_path, monkeypatch):
 def test_fill_stores_each_cell_skips_what_is_stored_and_restarts_for_another_n(smoke_ddpm, monkeypatch):
     calls = []
 
-    def fake(model, setting, seed, n):
+    def fake(model, setting, seed, n, classifier=None):
         calls.append((setting.key, seed))
         return {"fid": setting.steps + seed, "inception_score": 1.0, "precision": 0.5, "recall": 0.5,
                 "images_per_s": 10.0, "seconds": 1.0, "n_samples": n}
