@@ -90,3 +90,52 @@ def test_unknown_prediction_type_is_refused():
         DDPMConfig(prediction="score")
     with pytest.raises(ValueError, match="prediction"):
         P.to_epsilon("x0", torch.zeros(1), torch.zeros(1), torch.ones(1))
+
+
+def test_registered_x0_and_v_models_are_ddpm_with_another_target():
+    from agm.config import to_dict
+    from agm.diffusion import ddpm, ddpm_prediction
+
+    reference = to_dict(DDPMConfig(train=ddpm.default_training()))
+    for name, prediction in {"ddpm-x0": "sample", "ddpm-v": "v_prediction"}.items():
+        config = to_dict(ddpm_prediction.config(prediction))
+        assert config["prediction"] == prediction
+        config["prediction"], config["train"]["steps"], config["train"]["batch_size"] = (
+            "epsilon", reference["train"]["steps"], reference["train"]["batch_size"])  # undo the smoke budget
+        assert config == reference, name
+
+
+@pytest.mark.parametrize("prediction", P.PREDICTIONS)
+def test_each_target_mse_is_the_eps_mse_times_its_weight(prediction):
+    g = torch.Generator().manual_seed(5)
+    x0, eps, eps_hat = (torch.randn(4, 1, 28, 28, generator=g, dtype=torch.float64) for _ in range(3))
+    abar = torch.tensor([0.9999, 0.5, 0.01, 4e-5], dtype=torch.float64).view(-1, 1, 1, 1)
+    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    x0_hat = P.to_sample("epsilon", eps_hat, xt, abar)
+    truth, estimate = P.target(prediction, x0, eps, abar), P.target(prediction, x0_hat, eps_hat, abar)
+    snr = abar / (1 - abar)  # the closed forms: 1, 1/SNR, 1 + 1/SNR
+    expected = {"epsilon": torch.ones_like(snr), "sample": 1 / snr, "v_prediction": 1 + 1 / snr}[prediction]
+    ratio = (estimate - truth).pow(2).sum((1, 2, 3)) / (eps_hat - eps).pow(2).sum((1, 2, 3))
+    assert torch.allclose(ratio, expected.flatten(), rtol=1e-9)
+    assert torch.allclose(P.epsilon_mse_weight(prediction, abar), expected, rtol=1e-6)
+
+
+def test_errors_by_timestep_of_a_model_that_predicts_zero():
+    from agm.diffusion.diagnostics import errors_by_timestep
+
+    class Zero(torch.nn.Module):
+        schedule = NoiseSchedule(ScheduleConfig())
+
+        def forward(self, xt, t, labels=None):
+            return torch.zeros_like(xt)
+
+    x0 = torch.rand(64, 1, 28, 28) * 2 - 1
+    timesteps = [0, 500, 999]
+    errors = errors_by_timestep(Zero(), x0, timesteps, torch.Generator().manual_seed(0))
+    abar = Zero.schedule.alphas_cumprod[timesteps]
+    # ε̂ = 0: the ε-error is ε itself (unit variance), and the others follow by their weights
+    assert errors["epsilon"] == pytest.approx([1.0] * 3, abs=0.02)
+    for prediction in ("sample", "v_prediction"):
+        weight = P.epsilon_mse_weight(prediction, abar).tolist()
+        expected = [w * e for w, e in zip(weight, errors["epsilon"], strict=True)]
+        assert errors[prediction] == pytest.approx(expected, rel=1e-3)

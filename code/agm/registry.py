@@ -26,6 +26,8 @@ MODEL_MODULES = [
     "agm.vae.vqvae",
     "agm.diffusion.ddpm",
     "agm.diffusion.ddpm_cfg",
+    "agm.diffusion.ddpm_prediction",
+    "agm.diffusion.latent",
     "agm.diffusion.noise_classifier",
     "agm.classifier",
 ]

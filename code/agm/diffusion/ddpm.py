@@ -146,16 +146,20 @@ class LossPerTimestep:
         return (self.total / self.count.clamp(min=1)).tolist()
 
 
-def fit(config: DDPMConfig, log=print, log_every: int = 250) -> tuple[DDPM, DDPM, dict]:
+def fit(config: DDPMConfig, log=print, log_every: int = 250, examples: torch.Tensor | None = None,
+        transform=to_symmetric) -> tuple[DDPM, DDPM, dict]:
     """Train on the 60 000 training images; return (the EMA model, the raw model, diagnostics).
 
-    Diagnostics: the logged loss history, the loss per timestep over the last 10 % of training,
-    and the wall time.
+    ``examples`` replaces the images (a latent diffusion model trains on codes of them, Chapter 36);
+    ``transform(batch, generator)`` maps a batch of them to the model's data space. Diagnostics: the
+    logged loss history, the loss per timestep over the last 10 % of training, and the wall time.
     """
     tc, dev = config.train, device()
     generator = torch.Generator().manual_seed(tc.seed)
     torch.manual_seed(tc.seed)
     x, y = mnist("trainval")
+    if examples is not None:
+        x = examples
     conditional = config.unet.num_classes > 0
     model = DDPM(config).to(dev)
     ema = EMA(model, tc.ema_decay)
@@ -170,7 +174,7 @@ def fit(config: DDPMConfig, log=print, log_every: int = 250) -> tuple[DDPM, DDPM
             log(f"ddpm step {step}/{tc.steps}: {time.perf_counter() - start:.0f} s")
 
     data = batches(x, y if conditional else None, batch_size=tc.batch_size, generator=generator,
-                   transform=to_symmetric, device=dev, drop_last=True)
+                   transform=transform, device=dev, drop_last=True)
 
     def loss_fn(m: DDPM, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x0, labels = batch if conditional else (batch, None)
@@ -217,11 +221,18 @@ def sample_chain(model: DDPM, n: int, generator: torch.Generator | None = None, 
 
 
 def sample(model: DDPM, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
-           steps: int | None = None, variance: str = "beta_tilde", sampler: str = "ancestral", eta: float = 0.0,
-           clip_denoised: bool | None = None, guidance: float | None = None, solver: str = "heun",
-           langevin_steps: int = 5, step_size: float = 2e-5, classifier: nn.Module | None = None,
-           classifier_scale: float = 1.0, batch_size: int = 500) -> torch.Tensor:
-    """``spec.sample``: n images in [0, 1] from the chosen sampler, in batches of ``batch_size``.
+           **options) -> torch.Tensor:
+    """``spec.sample``: n images in [0, 1] from the chosen sampler (:func:`sample_model_space`'s options)."""
+    return to_images(sample_model_space(model, n, generator, labels, **options))
+
+
+def sample_model_space(model: DDPM, n: int, generator: torch.Generator | None = None,
+                       labels: torch.Tensor | None = None, steps: int | None = None, variance: str = "beta_tilde",
+                       sampler: str = "ancestral", eta: float = 0.0, clip_denoised: bool | None = None,
+                       guidance: float | None = None, solver: str = "heun", langevin_steps: int = 5,
+                       step_size: float = 2e-5, classifier: nn.Module | None = None, classifier_scale: float = 1.0,
+                       batch_size: int = 500) -> torch.Tensor:
+    """n draws x_0 of the model's sample shape from the chosen sampler, in batches of ``batch_size``, on the CPU.
 
     ``clip_denoised`` None keeps the sampler's own default, the reference implementation's: on for the
     ancestral and DDIM samplers (Ho et al., diffusers), off for DPM-Solver++. ``guidance`` w (a
@@ -264,7 +275,7 @@ def sample(model: DDPM, n: int, generator: torch.Generator | None = None, labels
         y = None if labels is None else labels[i : i + m].to(next(model.parameters()).device)
         x = SAMPLERS[sampler](net, model.schedule, draw_noise(model, m, generator), steps,
                               generator=generator, labels=y, **options)
-        out.append(to_images(x).cpu())
+        out.append(x.cpu())
     return torch.cat(out)
 
 
@@ -361,7 +372,8 @@ def evaluate_full(model: DDPM) -> dict:
     return evaluations.evaluate_full(model)
 
 
-def add_sample_options(parser: argparse.ArgumentParser) -> None:
+def add_sample_options(parser: argparse.ArgumentParser, clips: str = "ancestral and ddim") -> None:
+    """The sampler options of the command line; ``clips`` says which samplers clip x̂_0 by default."""
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="ancestral",
                         help="ancestral (Ho et al., Algorithm 2), ddim (Song et al., eq. 12), dpmsolver++ "
                              "(Lu et al., 2022, second-order multistep), pf-ode (the probability-flow ODE) or "
@@ -377,9 +389,9 @@ def add_sample_options(parser: argparse.ArgumentParser) -> None:
                         help="langevin: epsilon of alpha_i = epsilon sigma_i^2 / sigma_min^2 (Song & Ermon, 2019)")
     clip = parser.add_mutually_exclusive_group()
     clip.add_argument("--clip", dest="clip_denoised", action="store_const", const=True, default=None,
-                      help="clip the predicted x_0 to [-1, 1] (the default of ancestral and ddim)")
+                      help=f"clip the predicted x_0 to [-1, 1] (default: {clips})")
     clip.add_argument("--no-clip", dest="clip_denoised", action="store_const", const=False,
-                      help="do not clip the predicted x_0 (the default of dpmsolver++)")
+                      help="do not clip the predicted x_0")
 
 
 register(ModelSpec(

@@ -85,3 +85,28 @@ def cost_per_resolution(model: nn.Module, x: torch.Tensor, t: torch.Tensor, repe
         row["seconds"] += times[m]
         row["layers"] += 1
     return dict(sorted(rows.items(), reverse=True))
+
+
+@torch.no_grad()
+def errors_by_timestep(model: nn.Module, x0: torch.Tensor, timesteps: list[int],
+                       generator: torch.Generator | None = None) -> dict[str, list[float]]:
+    """Mean squared error per pixel of the ε, x_0 and v that ``model`` implies, at each of ``timesteps``.
+
+    ``model(x_t, t)`` returns ε whatever its network outputs (:class:`agm.diffusion.ddpm.DDPM`); ``x0``
+    (B, C, H, W) in [-1, 1] is noised once per timestep with draws from ``generator``, the same draws
+    for every model given the same generator.
+    """
+    from agm.diffusion import parameterization as P
+
+    out: dict[str, list[float]] = {"epsilon": [], "sample": [], "v_prediction": []}
+    for t in timesteps:
+        tt = torch.full((len(x0),), t, dtype=torch.long)
+        eps = torch.randn(x0.shape, generator=generator)
+        xt = model.schedule.q_sample(x0, tt, eps)
+        abar = model.schedule.alphas_cumprod[t].float()
+        eps_hat = model(xt, tt)
+        out["epsilon"].append((eps_hat - eps).pow(2).mean().item())
+        out["sample"].append((P.to_sample("epsilon", eps_hat, xt, abar) - x0).pow(2).mean().item())
+        out["v_prediction"].append((P.velocity(P.to_sample("epsilon", eps_hat, xt, abar), eps_hat, abar)
+                                    - P.velocity(x0, eps, abar)).pow(2).mean().item())
+    return out

@@ -60,3 +60,19 @@ def to_sample(prediction: str, out: torch.Tensor, xt: torch.Tensor, abar: torch.
 def score(eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
     r"""$\nabla_{x_t}\log q_t(x_t) = -\epsilon / \sqrt{1-\bar\alpha_t}$ for the minimum-MSE ε (Tweedie)."""
     return -eps / (1 - abar).sqrt()
+
+
+def epsilon_mse_weight(prediction: str, abar: torch.Tensor) -> torch.Tensor:
+    r"""The factor $w_t$ with $\lVert \hat y - y\rVert^2 = w_t\,\lVert \hat\epsilon - \epsilon\rVert^2$ for target y.
+
+    Errors convert linearly given $x_t$:
+    $\hat x_0 - x_0 = -\sqrt{(1-\bar\alpha_t)/\bar\alpha_t}\,(\hat\epsilon - \epsilon)$ and
+    $\hat v - v = (\hat\epsilon - \epsilon)/\sqrt{\bar\alpha_t}$, so regressing x_0 is the
+    ε-loss weighted by $1/\mathrm{SNR}(t)$ and regressing v the ε-loss weighted by $1 + 1/\mathrm{SNR}(t)$.
+    """
+    check_prediction(prediction)
+    if prediction == "epsilon":
+        return torch.ones_like(abar)
+    # $1/\mathrm{SNR}(t) = (1-\bar\alpha_t)/\bar\alpha_t$
+    inverse_snr = (1 - abar) / abar
+    return inverse_snr if prediction == "sample" else 1 + inverse_snr

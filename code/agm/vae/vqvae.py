@@ -23,6 +23,7 @@ from torch import nn
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import batches, binarize, binarized_test_set, check_images, mnist
 from agm.distributions import bernoulli_log_likelihood, mean_and_standard_error
+from agm.nn.conv import GRID, grid_decoder, grid_encoder
 from agm.registry import ModelSpec, TrainResult, refuse_labels, register
 from agm.runtime import budget, device
 from agm.train import gradient_step, run_steps, train_loop
@@ -37,7 +38,6 @@ from agm.vae.quantizer import (
     vq_losses,
 )
 
-GRID = 7  # the code grid is GRID x GRID: two stride-2 convolutions take 28 -> 14 -> 7
 TARGETS = ("gray", "binary")
 
 
@@ -67,36 +67,14 @@ class VQVAEConfig:
 
 # -- the network ------------------------------------------------------------------------------------
 
-class ResidualBlock(nn.Module):
-    """h + conv1x1(silu(conv3x3(silu(h)))): the block of van den Oord et al. (2017), with the smooth SiLU
-    in place of ReLU so that the decoder's loss is twice differentiable (the straight-through analysis)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.body = nn.Sequential(nn.SiLU(), nn.Conv2d(channels, channels // 2, 3, padding=1), nn.SiLU(),
-                                  nn.Conv2d(channels // 2, channels, 1))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.body(h)
-
-
 def encoder(config: VQVAEConfig) -> nn.Sequential:
     """(B, 1, 28, 28) -> (B, D, 7, 7)."""
-    C = config.channels
-    return nn.Sequential(nn.Conv2d(1, C, 4, stride=2, padding=1), nn.SiLU(),  # 28 -> 14
-                         nn.Conv2d(C, C, 4, stride=2, padding=1), nn.SiLU(),  # 14 -> 7
-                         nn.Conv2d(C, C, 3, padding=1),
-                         *[ResidualBlock(C) for _ in range(config.res_blocks)], nn.SiLU(),
-                         nn.Conv2d(C, config.code_dim, 1))
+    return grid_encoder(config.channels, config.res_blocks, config.code_dim)
 
 
 def decoder(config: VQVAEConfig) -> nn.Sequential:
     """(B, D, 7, 7) -> Bernoulli logits (B, 1, 28, 28), mirroring the encoder."""
-    C = config.channels
-    return nn.Sequential(nn.Conv2d(config.code_dim, C, 3, padding=1),
-                         *[ResidualBlock(C) for _ in range(config.res_blocks)], nn.SiLU(),
-                         nn.ConvTranspose2d(C, C, 4, stride=2, padding=1), nn.SiLU(),  # 7 -> 14
-                         nn.ConvTranspose2d(C, 1, 4, stride=2, padding=1))  # 14 -> 28
+    return grid_decoder(config.channels, config.res_blocks, config.code_dim)
 
 
 class VQVAE(nn.Module):
