@@ -48,6 +48,13 @@ class TrainConfig:
             raise ValueError("a run counted in epochs needs the number of training examples")
         return self.epochs * math.ceil(examples / self.batch_size)
 
+    def budgeted(self, seed: int = 0) -> TrainConfig:
+        """This run under the runtime's budget (a smoke run: 20 steps of 32 examples), seeded with ``seed``."""
+        from agm.runtime import budget
+
+        return dataclasses.replace(self, steps=budget(self.steps, 20), batch_size=budget(self.batch_size, 32),
+                                   seed=seed)
+
     def adam(self, parameters) -> torch.optim.Adam:
         return torch.optim.Adam(parameters, lr=self.lr, betas=self.betas)
 

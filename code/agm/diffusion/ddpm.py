@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -350,9 +350,7 @@ def build(config: dict) -> DDPM:
 
 
 def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
-    defaults = default_training()
-    config = DDPMConfig(train=replace(defaults, steps=budget(defaults.steps, 20),
-                                      batch_size=budget(defaults.batch_size, 32), seed=seed))
+    config = DDPMConfig(train=default_training().budgeted(seed))
     ema_model, _, diagnostics = fit(config)
     extra = {"loss_per_t": diagnostics["loss_per_t"], "final_loss": diagnostics["history"][-1]["loss"]}
     return TrainResult(ema_model, to_dict(config), steps=config.train.steps, extra=extra)

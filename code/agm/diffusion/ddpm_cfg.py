@@ -25,10 +25,8 @@ METRIC_SAMPLER = {"sampler": "dpmsolver++", "steps": 20, "guidance": GUIDANCE}
 
 
 def config(seed: int = 0) -> DDPMConfig:
-    train = ddpm.default_training()
-    return DDPMConfig(unet=UNetConfig(num_classes=10), p_uncond=P_UNCOND,
-                      train=replace(train, steps=budget(TRAIN_STEPS, 20), batch_size=budget(train.batch_size, 32),
-                                    seed=seed))
+    train = replace(ddpm.default_training(), steps=TRAIN_STEPS)
+    return DDPMConfig(unet=UNetConfig(num_classes=10), p_uncond=P_UNCOND, train=train.budgeted(seed))
 
 
 def train(seed: int = 0, parents: dict | None = None) -> TrainResult:

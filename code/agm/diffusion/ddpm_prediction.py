@@ -9,8 +9,6 @@ bound of :func:`agm.diffusion.ddpm.bits_per_dim` apply unchanged.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from agm.config import to_dict
 from agm.diffusion import ddpm
 from agm.diffusion.ddpm import DDPMConfig
@@ -23,9 +21,7 @@ PREDICTIONS = {"ddpm-x0": "sample", "ddpm-v": "v_prediction"}
 
 def config(prediction: str, seed: int = 0) -> DDPMConfig:
     """The configuration of ``ddpm`` with another prediction target."""
-    train = ddpm.default_training()
-    return DDPMConfig(prediction=prediction, train=replace(train, steps=budget(train.steps, 20),
-                                                          batch_size=budget(train.batch_size, 32), seed=seed))
+    return DDPMConfig(prediction=prediction, train=ddpm.default_training().budgeted(seed))
 
 
 def trainer(prediction: str):

@@ -1,4 +1,5 @@
-"""Measurements of a trained noise-prediction network, for Chapter 30: where its output looks."""
+"""Measurements of a trained noise-prediction network: where its output looks and what it costs (Chapter 30),
+and its errors per timestep in each parameterization (Chapter 39)."""
 
 from __future__ import annotations
 

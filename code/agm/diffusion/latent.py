@@ -185,9 +185,7 @@ def build_autoencoder(config: dict) -> LatentAutoencoder:
 
 
 def train_autoencoder(seed: int = 0, parents: dict | None = None) -> TrainResult:
-    defaults = autoencoder_training()
-    config = AutoencoderConfig(train=replace(defaults, steps=budget(defaults.steps, 20),
-                                             batch_size=budget(defaults.batch_size, 32), seed=seed))
+    config = AutoencoderConfig(train=autoencoder_training().budgeted(seed))
     tc, dev = config.train, device()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -223,9 +221,7 @@ def train_ldm(seed: int = 0, parents: dict | None = None) -> TrainResult:
     posteriors = encode_dataset(autoencoder, x[: budget(len(x), 2000)])  # (60000, 2C, 7, 7)
     scale = latent_scale(posteriors, generator)
     diffusion = ldm_diffusion_config()
-    defaults = diffusion.train
-    diffusion = replace(diffusion, train=replace(defaults, steps=budget(defaults.steps, 20),
-                                                 batch_size=budget(defaults.batch_size, 32), seed=seed))
+    diffusion = replace(diffusion, train=diffusion.train.budgeted(seed))
     config = LDMConfig(autoencoder=autoencoder.config, diffusion=diffusion, latent_scale=scale)
     ema, _, diagnostics = ddpm.fit(diffusion, examples=posteriors,
                                    transform=lambda rows, g: scale * posterior_draw(rows, g))

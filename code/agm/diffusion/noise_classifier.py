@@ -8,7 +8,7 @@ will guide; :class:`agm.diffusion.guidance.ClassifierGuidance` refuses a model w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -102,9 +102,7 @@ def build(config: dict) -> NoiseClassifier:
 
 
 def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
-    defaults = noise_classifier_training()
-    config = NoiseClassifierConfig(train=replace(defaults, steps=budget(defaults.steps, 20),
-                                                 batch_size=budget(defaults.batch_size, 32), seed=seed))
+    config = NoiseClassifierConfig(train=noise_classifier_training().budgeted(seed))
     tc, dev = config.train, device()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
