@@ -66,8 +66,7 @@ def test_latent_shaped_input_with_two_levels_and_odd_size():
 
 def test_attention_matches_torch_multihead_attention():
     """The shared layer with nn.MultiheadAttention's weights computes the same function (oracle)."""
-    from agm.nn.attention import SelfAttention
-
+    
     torch.manual_seed(0)
     ours, ref = SelfAttention(16, 4), torch.nn.MultiheadAttention(16, 4, batch_first=True)
     with torch.no_grad():
@@ -120,3 +119,19 @@ def test_cost_per_resolution_counts_multiply_adds_by_hand():
     cost = cost_per_resolution(Stem(), torch.randn(2, 1, 28, 28), torch.zeros(2, dtype=torch.long), repeats=1)
     assert cost[28]["multiply_adds"] == 9 * 16 * 784 and cost[14]["multiply_adds"] == 9 * 16 * 8 * 196
     assert list(cost) == [28, 14] and all(c["seconds"] > 0 for c in cost.values())
+
+
+def test_cost_per_resolution_agrees_with_torch_flop_counter_on_the_unet():
+    """Every convolution and transposed convolution of a U-Net: PyTorch counts 2 FLOPs per multiply-add."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from agm.diffusion.diagnostics import cost_per_resolution
+
+    net = UNet(UNetConfig(channels=8, multipliers=(1, 2, 2), attention=False))
+    x, t = torch.randn(1, 1, 28, 28), torch.zeros(1, dtype=torch.long)
+    ours = sum(c["multiply_adds"] for c in cost_per_resolution(net, x, t, repeats=1).values())
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(x, t)
+    convolutions = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}["aten.convolution"]
+    assert ours == convolutions // 2

@@ -45,8 +45,9 @@ def cost_per_resolution(model: nn.Module, x: torch.Tensor, t: torch.Tensor, repe
     """Multiply-adds and wall time of the convolutions and linear maps, grouped by the resolution they run at.
 
     Forward hooks on every ``Conv2d``, ``ConvTranspose2d`` and attention layer record the output's
-    spatial size, the layer's multiply-adds per image (kernel size x input channels x output
-    elements; attention: its projections and the H*W x H*W score and value products) and the time
+    spatial size, the layer's multiply-adds per image (a convolution: kernel size x input channels x
+    output elements; a transposed one: kernel size x output channels x input elements; attention: its
+    projections and the H*W x H*W score and value products) and the time
     between its pre-hook and hook, the fastest of ``repeats`` passes.
     """
     rows: dict[int, dict] = {}
@@ -65,7 +66,10 @@ def cost_per_resolution(model: nn.Module, x: torch.Tensor, t: torch.Tensor, repe
             b, n, c = inputs[0].shape
             res = int(round(n ** 0.5))
             macs[module] = (res, 4 * n * c * c + 2 * n * n * c)  # q, k, v, out projections; QK^T and AV
-        else:
+        elif isinstance(module, nn.ConvTranspose2d):  # each input element is spread over k x k x c_out outputs
+            k = module.kernel_size[0] * module.kernel_size[1]
+            macs[module] = (output.shape[-1], k * (module.out_channels // module.groups) * inputs[0][0].numel())
+        else:  # each output element gathers k x k x c_in inputs
             k = module.kernel_size[0] * module.kernel_size[1]
             c_in = module.in_channels // module.groups
             macs[module] = (output.shape[-1], k * c_in * output[0].numel())
