@@ -14,7 +14,7 @@ import torch
 from agm import checkpoint, registry
 from agm.classifier import ClassifierConfig
 from agm.data import DataError, provision
-from agm.runtime import budget, repo_path, seed_everything, set_threads
+from agm.runtime import budget, device, repo_path, seed_everything, set_threads
 
 SMOKE_CHECKPOINTS = repo_path("_build", "smoke-checkpoints")
 MAX_SAMPLES = 100_000
@@ -141,7 +141,7 @@ def cmd_sample(args, spec: registry.ModelSpec, options: dict) -> int:
     for path in (args.out, args.png):
         if path is not None and not path.parent.exists():
             raise UsageError(f"folder {path.parent} does not exist")
-    model, _ = registry.load_model(spec.name)
+    model = registry.load_model(spec.name)[0].to(device())  # cuda -> mps -> cpu
     generator = seed_everything(args.seed)
     try:
         with torch.no_grad():
@@ -188,7 +188,7 @@ def cmd_evaluate(args) -> int:
     least = ClassifierConfig().features + 1
     if args.n is not None and not least <= args.n <= MAX_SAMPLES:
         raise UsageError(f"--n must be between {least} and {MAX_SAMPLES}, got {args.n}")
-    model, _ = registry.load_model(spec.name)
+    model = registry.load_model(spec.name)[0].to(device())  # cuda -> mps -> cpu
     set_threads()
     if args.full:
         if spec.evaluate_full is None:
