@@ -66,7 +66,8 @@ def test_latent_shaped_input_with_two_levels_and_odd_size():
 
 def test_attention_matches_torch_multihead_attention():
     """The shared layer with nn.MultiheadAttention's weights computes the same function (oracle)."""
-    
+    from agm.nn.attention import SelfAttention
+
     torch.manual_seed(0)
     ours, ref = SelfAttention(16, 4), torch.nn.MultiheadAttention(16, 4, batch_first=True)
     with torch.no_grad():

@@ -1,10 +1,11 @@
-"""``ddpm-x0`` and ``ddpm-v``: the network of ``ddpm`` trained to predict x_0 or v instead of ε, Chapter 39.
+"""``ddpm-x0``: the network of ``ddpm`` trained to predict x_0 instead of ε, Chapter 39.
 
 Everything but the regression target is that of the shipped ``ddpm``: the U-Net, the linear schedule,
-the optimizer, the 4000 steps and the seed, so the three models differ only in what the network
-outputs (diffusers' ``prediction_type``) and in the loss weighting across t that the target implies.
-Each converts its output to ε (:mod:`agm.diffusion.parameterization`), so every sampler and the
-bound of :func:`agm.diffusion.ddpm.bits_per_dim` apply unchanged.
+the optimizer, the 4000 steps and the seed, so the models differ only in what the network outputs
+(diffusers' ``prediction_type``; :func:`config` takes any of them, v included) and in the loss
+weighting across t that the target implies. The model converts its output to ε
+(:mod:`agm.diffusion.parameterization`), so every sampler and the bound of
+:func:`agm.diffusion.ddpm.bits_per_dim` apply unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from agm.registry import ModelSpec, TrainResult, register
 from agm.runtime import budget
 
 # registered name -> what its network outputs
-PREDICTIONS = {"ddpm-x0": "sample", "ddpm-v": "v_prediction"}
+PREDICTIONS = {"ddpm-x0": "sample"}
+SYMBOLS = {"epsilon": "ε", "sample": "x_0", "v_prediction": "v"}
 
 
 def config(prediction: str, seed: int = 0) -> DDPMConfig:
@@ -38,7 +40,7 @@ def trainer(prediction: str):
 for _name, _prediction in PREDICTIONS.items():
     register(ModelSpec(
         name=_name, chapter=39,
-        summary=f"the ddpm U-Net and budget, trained to predict {'x_0' if _prediction == 'sample' else 'v'}",
+        summary=f"the ddpm U-Net and budget, trained to predict {SYMBOLS[_prediction]}",
         build=ddpm.build, train=trainer(_prediction), sample=ddpm.sample, evaluate=ddpm.evaluate,
         train_minutes=60.0, add_sample_options=ddpm.add_sample_options,
         metric_sample_options=lambda: {**ddpm.METRIC_SAMPLER, "steps": budget(ddpm.EVAL_STEPS, 5)},
