@@ -211,3 +211,35 @@ def test_noise_classifier_shapes_loss_and_accuracy_by_timestep():
     assert len(acc) == 2 and all(0 <= a <= 1 for a in acc)
     with pytest.raises(ValueError, match="1, 28, 28"):
         model(torch.zeros(2, 3, 28, 28), torch.zeros(2, dtype=torch.long))
+
+
+def test_ddpm_cfg_is_the_ddpm_with_labels_dropout_and_its_own_budget():
+    from agm import registry
+    from agm.config import to_dict
+    from agm.diffusion import ddpm, ddpm_cfg
+
+    cfg, base = to_dict(ddpm_cfg.config()), to_dict(ddpm.DDPMConfig(train=ddpm.default_training().budgeted(0)))
+    assert cfg["p_uncond"] == ddpm_cfg.P_UNCOND > 0 and cfg["unet"]["num_classes"] == 10
+    assert cfg["schedule"] == base["schedule"] and cfg["train"]["lr"] == base["train"]["lr"]
+    spec = registry.get("ddpm-cfg")
+    assert spec.conditional and spec.metric_sample_options()["guidance"] == ddpm_cfg.GUIDANCE
+    shipped = registry.load_model("ddpm-cfg")[1].config
+    assert shipped["p_uncond"] == ddpm_cfg.P_UNCOND and shipped["train"]["steps"] == ddpm_cfg.TRAIN_STEPS
+
+
+def test_clean_classifier_on_noisy_images_sees_x_mapped_to_the_unit_interval_and_ignores_t():
+    from agm.diffusion.noise_classifier import CleanOnNoisy
+    from agm.diffusion.schedule import NoiseSchedule, ScheduleConfig
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, images):
+            seen.append(images)
+            return images.flatten(1)[:, :10]
+
+    model = CleanOnNoisy(Spy(), NoiseSchedule(ScheduleConfig()))
+    x = torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.0]).view(5, 1, 1, 1).expand(5, 1, 28, 28)
+    first, second = model(x, torch.zeros(5, dtype=torch.long)), model(x, torch.full((5,), 999))
+    assert torch.equal(first, second)
+    assert seen[0][:, 0, 0, 0].tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]

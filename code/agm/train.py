@@ -193,3 +193,23 @@ def ema_along(values: torch.Tensor, decay: float, warmup: bool = True) -> tuple[
             param.fill_(value)
         ema.update(holder)
     return ema.module[0].item(), weight_of_init
+
+
+def fit_examples(model: nn.Module, loss_fn: Callable[[nn.Module, Any, torch.Generator], Any], train: Any,
+                 x: torch.Tensor, y: torch.Tensor | None = None, transform=None, desc: str = "train",
+                 log_every: int = 100) -> list[dict[str, float]]:
+    """One supervised run over ``x`` (and labels ``y``) under the :class:`agm.config.TrainConfig` ``train``.
+
+    Adam with the run's learning-rate schedule and gradient clipping, shuffled batches drawn by a
+    generator seeded with ``train.seed`` (which ``loss_fn(model, batch, generator)`` also draws from),
+    ``train.steps`` updates. Returns the logged history.
+    """
+    from agm.data import batches
+
+    generator = torch.Generator().manual_seed(train.seed)
+    dev = next(model.parameters()).device
+    optimizer = train.adam(model.parameters())
+    data = batches(x, y, batch_size=train.batch_size, generator=generator, transform=transform, device=dev,
+                   drop_last=True)
+    return train_loop(model, lambda m, b: loss_fn(m, b, generator), data, optimizer, train.steps, desc=desc,
+                      grad_clip=train.grad_clip, scheduler=train.scheduler(optimizer), log_every=log_every)

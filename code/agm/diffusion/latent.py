@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from agm.config import TrainConfig, from_dict, to_dict
-from agm.data import batches, check_images, mnist
+from agm.data import check_images, mnist
 from agm.diffusion import ddpm
 from agm.diffusion.ddpm import DDPMConfig
 from agm.distributions import bernoulli_log_likelihood, gaussian_kl_to_standard, mean_and_standard_error
@@ -28,7 +28,7 @@ from agm.nn.conv import GRID, grid_decoder, grid_encoder
 from agm.nn.unet import UNetConfig
 from agm.registry import ModelSpec, TrainResult, refuse_labels, register
 from agm.runtime import budget, device
-from agm.train import train_loop
+from agm.train import fit_examples
 
 
 def autoencoder_training() -> TrainConfig:
@@ -186,17 +186,10 @@ def build_autoencoder(config: dict) -> LatentAutoencoder:
 
 def train_autoencoder(seed: int = 0, parents: dict | None = None) -> TrainResult:
     config = AutoencoderConfig(train=autoencoder_training().budgeted(seed))
-    tc, dev = config.train, device()
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    x, _ = mnist("trainval")
-    model = LatentAutoencoder(config).to(dev)
-    optimizer = tc.adam(model.parameters())
-    data = batches(x, batch_size=tc.batch_size, generator=generator, device=dev, drop_last=True)
-    history = train_loop(model, lambda m, b: autoencoder_loss(m, b, generator), data, optimizer, tc.steps,
-                         desc="ldm-autoencoder", grad_clip=tc.grad_clip, scheduler=tc.scheduler(optimizer),
-                         log_every=100)
-    return TrainResult(model.eval(), to_dict(config), steps=tc.steps, extra={"history": history})
+    model = LatentAutoencoder(config).to(device())
+    history = fit_examples(model, autoencoder_loss, config.train, mnist("trainval")[0], desc="ldm-autoencoder")
+    return TrainResult(model.eval(), to_dict(config), steps=config.train.steps, extra={"history": history})
 
 
 def evaluate_autoencoder(model: LatentAutoencoder) -> dict[str, float]:
