@@ -95,3 +95,15 @@ def test_measure_reports_the_accuracy_on_the_requested_digit(tmp_path, monkeypat
     classifier = NoiseClassifier(NoiseClassifierConfig(channels=8, multipliers=(1, 1)))
     with pytest.raises(ValueError, match="classifier-free"):
         evaluations.measure(model, Setting("ddim", 2, guidance=1.0, classifier_scale=1.0), 0, 130, classifier)
+
+
+def test_stored_table_names_the_command_for_missing_cells_and_reads_complete_ones(smoke_ddpm, monkeypatch):
+    settings = [Setting("ddim", 3)]
+    with pytest.raises(RuntimeError, match="python -m agm evaluate ddpm --full"):
+        evaluations.stored_table("ddpm", settings, seeds=(0, 1))
+    monkeypatch.setattr(evaluations, "measure", lambda model, setting, seed, n, classifier=None: {
+        "fid": 3.0 + seed, "inception_score": 1.0, "precision": 0.5, "recall": 0.5, "images_per_s": 10.0,
+        "seconds": 1.0})
+    fill("ddpm", registry.load_model("ddpm")[0], settings, seeds=(0, 1), n=200, log=lambda _: None)
+    rows, reference = evaluations.stored_table("ddpm", settings, seeds=(0, 1))
+    assert rows[0]["fid"] == 3.5 and rows[0]["seeds"] == 2 and reference["n_samples"] == 200

@@ -154,6 +154,22 @@ def test_fid_grows_with_noise(test_images):
     assert fids[0] < fids[1] < fids[2]
 
 
+def test_fid_splits_into_mean_and_covariance_terms(test_images):
+    # one class only: far from the reference mean, and narrower than the whole test set
+    x, y = test_images
+    sevens = x[y == 7][:1000]
+    m = metrics.sample_metrics(sevens)
+    feats, _ = metrics.classifier_outputs(sevens)
+    mu, sigma = metrics.gaussian_stats(feats)
+    ref = metrics.reference_stats()
+    mu_ref, sigma_ref = ref["mu"].numpy(), ref["sigma"].numpy()
+    assert m["fid_mean_term"] == pytest.approx(metrics.frechet_distance(mu, sigma_ref, mu_ref, sigma_ref), rel=1e-6)
+    covariance_term = metrics.frechet_distance(mu_ref, sigma, mu_ref, sigma_ref)
+    assert m["fid"] == pytest.approx(m["fid_mean_term"] + covariance_term, rel=1e-6)
+    assert m["trace_ratio"] == pytest.approx(np.trace(sigma) / np.trace(sigma_ref), rel=1e-9)
+    assert m["trace_ratio"] < 0.9 < metrics.sample_metrics(x[:1000])["trace_ratio"]
+
+
 @pytest.mark.parametrize("bad", [torch.zeros(10, 784), torch.full((200, 1, 28, 28), 1.5)])
 def test_sample_metrics_rejects_bad_images(bad):
     with pytest.raises(ValueError):

@@ -199,15 +199,21 @@ def reference_stats() -> dict[str, torch.Tensor]:
 
 
 def sample_metrics(images: torch.Tensor, k: int = PR_K) -> dict[str, float]:
-    """The kit: FID (MNIST classifier), IS, precision, recall and class coverage of ``images``."""
+    """The kit: FID (MNIST classifier) with its mean term, the feature spread, IS, precision, recall and class
+    coverage of ``images``."""
     check_images(images)
     ref = reference_stats()
     feats, probs = classifier_outputs(images)
     mu, sigma = gaussian_stats(feats)
     precision, recall = precision_recall(ref["features"], feats, k, ref[REFERENCE_RADII] if k == PR_K else None)
     coverage, tv = class_coverage(probs)
+    mu_ref, sigma_ref = ref["mu"].numpy(), ref["sigma"].numpy()
     return {
-        "fid": frechet_distance(mu, sigma, ref["mu"].numpy(), ref["sigma"].numpy()),
+        "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref),
+        # the FID's mean term $\|\mu_g-\mu_r\|^2$ (the rest is the covariance term)
+        "fid_mean_term": float(((mu - mu_ref) ** 2).sum()),
+        # the spread of the features against the real one, $\mathrm{tr}\,\Sigma_g/\mathrm{tr}\,\Sigma_r$
+        "trace_ratio": float(np.trace(sigma) / np.trace(sigma_ref)),
         "inception_score": inception_score(probs),
         "precision": precision,
         "recall": recall,

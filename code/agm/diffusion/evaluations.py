@@ -118,13 +118,28 @@ def table(cells: dict[str, dict], settings: list[Setting]) -> list[dict]:
     for s in settings:
         done = [v for k, v in cells.items() if k.split("/")[0] == s.key]
         row = {"setting": s.key, "sampler": s.sampler, "steps": s.steps, "eta": s.eta, "clip": s.clip_denoised,
-               "seeds": len(done)}
-        for m in (*KIT, "images_per_s", "label_accuracy"):
+               "guidance": s.guidance, "classifier_scale": s.classifier_scale, "seeds": len(done)}
+        for m in (*KIT, "fid_mean_term", "trace_ratio", "images_per_s", "label_accuracy"):
             values = [d[m] for d in done if m in d]
             row[m] = statistics.fmean(values) if values else None
             row[f"{m}_sd"] = statistics.stdev(values) if len(values) > 1 else None
         rows.append(row)
     return rows
+
+
+def stored_table(name: str, settings: list[Setting], seeds=SEEDS) -> tuple[list[dict], dict]:
+    """The rows of :func:`table` from the manifest of ``name``, and the real-data reference at the cells' n.
+
+    Every cell of ``settings`` x ``seeds`` must be there: a missing one is an error naming the command
+    that measures it.
+    """
+    cells = checkpoint.read_manifest(name).metrics.get(KEY, {})
+    missing = [f"{s.key}/seed{seed}" for s, seed in plan(settings, seeds) if f"{s.key}/seed{seed}" not in cells]
+    if missing:
+        raise RuntimeError(f"the manifest of {name} lacks {len(missing)} sampler cells "
+                           f"({', '.join(missing[:3])}, ...): run `python -m agm evaluate {name} --full` "
+                           "(resumable; it stores each cell when done)")
+    return table(cells, settings), cells["reference"]
 
 
 # Chapter 41: the guidance weight of ddpm-cfg, and the scale of classifier guidance on ddpm
