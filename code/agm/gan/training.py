@@ -1,0 +1,110 @@
+"""What the GANs of Chapters 6 and 8 share: the pair of networks, the alternating update, the training run.
+
+One step is one discriminator update on real images and G(z), then one generator update against
+the updated discriminator (Goodfellow et al., 2014, Algorithm 1 with k = 1), each with its own Adam.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from agm.config import TrainConfig
+from agm.data import batches, mnist
+from agm.gan.losses import check_generator_loss, discriminator_loss, generator_loss
+from agm.registry import refuse_labels
+from agm.runtime import device
+from agm.train import gradient_step, run_steps
+
+IMAGE_SHAPE = (1, 28, 28)
+
+
+def check_image_shape(x: torch.Tensor) -> torch.Tensor:
+    """A discriminator's input must be a batch of MNIST images, (B, 1, 28, 28)."""
+    if x.ndim != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
+        raise ValueError(f"the discriminator takes images of shape [B, 1, 28, 28], got {list(x.shape)}")
+    return x
+
+
+class Adversarial(nn.Module):
+    """A generator x = G(z), z ~ N(0, I), and a discriminator with logit l(x), D(x) = sigmoid(l(x)).
+
+    ``config`` needs ``latent_dim`` and ``loss`` (a generator loss of :mod:`agm.gan.losses`).
+    """
+
+    def __init__(self, config, generator: nn.Module, discriminator: nn.Module):
+        super().__init__()
+        check_generator_loss(config.loss)  # fail early on an unknown loss
+        self.config = config
+        self.generator = generator
+        self.discriminator = discriminator
+
+    def latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z ~ N(0, I), (n, L), drawn on the CPU generator and moved to the model's device."""
+        return torch.randn(n, self.config.latent_dim, generator=generator).to(next(self.parameters()).device)
+
+    @torch.no_grad()
+    def generate(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n images G(z) in [0, 1], (n, 1, 28, 28) on the CPU; BatchNorm layers use their running statistics."""
+        was_training = self.generator.training
+        self.generator.eval()
+        x = self.generator(self.latents(n, generator)).cpu()
+        self.generator.train(was_training)
+        return x
+
+
+def train_step(model: Adversarial, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+               real: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+    """One discriminator update, then one generator update, on a batch of real images (B, 1, 28, 28)."""
+    fake = model.generator(model.latents(len(real), generator))  # (B, 1, 28, 28)
+    # 1. the discriminator ascends V(D, G) on real images and detached samples
+    d_loss, d_logs = discriminator_loss(model.discriminator(real), model.discriminator(fake.detach()))
+    d_value = gradient_step(d_loss, opt_d, desc="GAN discriminator")
+    # 2. the generator descends its loss against the discriminator just updated
+    g_loss, g_logs = generator_loss(model.discriminator(fake), model.config.loss)
+    g_value = gradient_step(g_loss, opt_g, desc=f"GAN generator ({model.config.loss})")
+    return {"d_loss": d_value, "g_loss": g_value, **d_logs, **g_logs}
+
+
+def fid_point(model: Adversarial, step: int, n: int, seed: int = 0) -> dict[str, float]:
+    """The metrics kit (FID (MNIST classifier) and the rest) on n samples of the generator at ``step``.
+
+    The latents come from a generator of their own, the same at every step, so the training run's
+    random stream does not depend on how often this is called.
+    """
+    from agm.metrics import sample_metrics
+
+    return {"step": step, **sample_metrics(model.generate(n, torch.Generator().manual_seed(seed)))}
+
+
+def fit_adversarial(model: Adversarial, train: TrainConfig, desc: str, log_every: int = 500, log=print,
+                    fid_every: int | None = None, fid_samples: int = 2000) -> tuple[Adversarial, dict]:
+    """Alternating updates through :func:`agm.train.run_steps` on shuffled epochs of the 60 000 training
+    images (gray levels in [0, 1]). Returns the model and ``{"history": [...], "fid": [...]}``; with
+    ``fid_every``, the kit on ``fid_samples`` samples at step 0, every ``fid_every`` steps and the last."""
+    generator = torch.Generator().manual_seed(train.seed)
+    x, _ = mnist("trainval")
+    dev = device()
+    model = model.to(dev)
+    opt_g, opt_d = train.adam(model.generator.parameters()), train.adam(model.discriminator.parameters())
+    real = batches(x, batch_size=train.batch_size, generator=generator, device=dev, drop_last=True)
+    fid = [fid_point(model, 0, fid_samples)] if fid_every else []
+
+    def after_step(step: int, logs: dict) -> None:
+        last = step == train.steps
+        if fid_every and (step % fid_every == 0 or last):
+            fid.append(fid_point(model, step, fid_samples))
+            log(f"{desc} step {step}: FID (MNIST classifier) {fid[-1]['fid']:.2f}")
+        if step % log_every == 0 or last:
+            log(f"{desc} step {step}: d_loss {logs['d_loss']:.4f}, g_loss {logs['g_loss']:.4f}, "
+                f"D(x) {float(logs['d_real']):.3f}, D(G(z)) {float(logs['d_fake']):.3f}")
+
+    history = run_steps(lambda step: train_step(model, opt_g, opt_d, next(real), generator), train.steps,
+                        log_every, desc=desc, on_step=after_step, modules=[model])
+    return model.cpu().eval(), {"history": history, "fid": fid}
+
+
+def sample(model: Adversarial, n: int, generator: torch.Generator, labels=None) -> torch.Tensor:
+    """``spec.sample`` of an unconditional GAN: G(z) for n latents, (n, 1, 28, 28) in [0, 1]."""
+    refuse_labels(labels)
+    return model.generate(n, generator)
