@@ -15,6 +15,7 @@ from torch import nn
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import batches, mnist
 from agm.foundations import fdiv
+from agm.nn.mlp import MLPGenerator
 from agm.registry import ModelSpec, TrainResult, register, unconditional_sample
 from agm.runtime import budget, device
 from agm.train import gradient_step, run_steps
@@ -31,20 +32,6 @@ class FGANConfig:
     latent_dim: int = 64
     hidden: int = 512
     train: TrainConfig = field(default_factory=fgan_training)  # one optimizer each for critic and generator
-
-
-class Generator(nn.Module):
-    def __init__(self, config: FGANConfig):
-        super().__init__()
-        h = config.hidden
-        self.net = nn.Sequential(
-            nn.Linear(config.latent_dim, h // 2), nn.BatchNorm1d(h // 2), nn.ReLU(),
-            nn.Linear(h // 2, h), nn.BatchNorm1d(h), nn.ReLU(),
-            nn.Linear(h, 784), nn.Sigmoid(),
-        )
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z).view(-1, 1, 28, 28)  # (B, 1, 28, 28) in [0, 1]
 
 
 class Critic(nn.Module):
@@ -68,7 +55,7 @@ class FGAN(nn.Module):
         super().__init__()
         fdiv.get(config.divergence)  # fail early on an unknown divergence
         self.config = config
-        self.generator = Generator(config)
+        self.generator = MLPGenerator(config.latent_dim, config.hidden)
         self.critic = Critic(config)
 
     @torch.no_grad()
