@@ -154,6 +154,21 @@ def test_fid_grows_with_noise(test_images):
     assert fids[0] < fids[1] < fids[2]
 
 
+def test_shrinkage_floor_bounds_the_covariance_term_and_is_reached_by_scaling():
+    rng = np.random.default_rng(3)
+    sigma_r, mu = random_spd(8, rng), rng.normal(size=8)
+    for c in (0.2, 1.0, 3.0):  # equality for Sigma_g = c Sigma_r
+        assert metrics.frechet_distance(mu, c * sigma_r, mu, sigma_r) == pytest.approx(
+            metrics.shrinkage_floor(c, np.trace(sigma_r)), rel=1e-8, abs=1e-12)
+    for _ in range(50):  # a strict bound for any other covariance, including singular ones
+        sigma_g = random_spd(8, rng, rank=int(rng.integers(1, 9)))
+        c = np.trace(sigma_g) / np.trace(sigma_r)
+        floor = metrics.shrinkage_floor(c, np.trace(sigma_r))
+        assert metrics.frechet_distance(mu, sigma_g, mu, sigma_r) >= floor - 1e-9
+    with pytest.raises(ValueError, match="non-negative"):
+        metrics.shrinkage_floor(-0.1, 1.0)
+
+
 def test_fid_splits_into_mean_and_covariance_terms(test_images):
     # one class only: far from the reference mean, and narrower than the whole test set
     x, y = test_images

@@ -80,6 +80,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+def shrinkage_floor(trace_ratio: float, trace_reference: float) -> float:
+    """The least covariance term of the Fréchet distance for a trace ratio c = tr Σ_g / tr Σ_r (Chapter 41):
+    (1 - √c)² tr Σ_r, reached by Σ_g = c Σ_r."""
+    if not (trace_ratio >= 0 and trace_reference >= 0):
+        raise ValueError(f"traces must be non-negative, got ratio {trace_ratio} and reference {trace_reference}")
+    # Bures term $\ge (1-\sqrt c)^2\,\mathrm{tr}\,\Sigma_r$, with equality at $\Sigma_g = c\,\Sigma_r$
+    return (1 - math.sqrt(trace_ratio)) ** 2 * trace_reference
+
+
 def gaussian_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased) covariance of ``[N, d]`` features, in float64."""
     n, d = features.shape
