@@ -221,3 +221,38 @@ def test_guidance_oracles_refuse_a_batch_of_timesteps_or_images():
             model(points(n=2), torch.tensor([3, 4]))
         with pytest.raises(ValueError, match=r"\(B, 1, 1, 1\)"):
             model(torch.zeros(2, 1, 28, 28), torch.tensor([3, 3]))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_gaussian_ddim_coefficients_are_one_step_of_ddim_step_with_the_exact_predictor(eta):
+    from agm.diffusion.samplers import chain_pairs, ddim_step
+    from agm.diffusion.toy import ExactNoisePredictor, gaussian_ddim_coefficients
+
+    schedule, c = NoiseSchedule(ScheduleConfig(num_timesteps=50)), 0.5
+    gauss = ExactNoisePredictor(GaussianMixture1D(torch.zeros(1), torch.tensor([c]), torch.ones(1)), schedule)
+    x = torch.linspace(-3, 3, 7, dtype=torch.float64).view(-1, 1, 1, 1)
+    for t, s in chain_pairs(schedule, 5):
+        m, sigma = gaussian_ddim_coefficients(schedule, c, t, s, eta)
+        out = ddim_step(schedule, gauss(x, torch.full((len(x),), t)), t, s, x, eta, False,
+                        torch.Generator().manual_seed(t))
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+        noise = sigma * z if eta > 0 and s >= 0 else 0.0
+        torch.testing.assert_close(out, m * x + noise, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_gaussian_ddim_variance_is_that_of_ddim_sample(eta):
+    from agm.diffusion.samplers import ddim_sample
+    from agm.diffusion.toy import ExactNoisePredictor, gaussian_ddim_variance
+
+    schedule, c, steps, n = NoiseSchedule(ScheduleConfig(num_timesteps=50)), 0.5, 4, 20_000
+    gauss = ExactNoisePredictor(GaussianMixture1D(torch.zeros(1), torch.tensor([c]), torch.ones(1)), schedule)
+    x_T = torch.randn(n, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = ddim_sample(gauss, schedule, x_T, steps, eta=eta, clip_denoised=False,
+                      generator=torch.Generator().manual_seed(1))
+    v0 = gaussian_ddim_variance(schedule, c, steps, eta)
+    if eta == 0:  # deterministic and linear: every output is x_T times sqrt(v_0)
+        torch.testing.assert_close(out / x_T, torch.full_like(out, math.sqrt(v0)), rtol=1e-10, atol=0)
+    else:  # the sample variance (mean 0 known) has standard deviation v_0 sqrt(2 / n)
+        assert abs((out**2).mean().item() - v0) < 4 * v0 * math.sqrt(2 / n)
+    assert abs(v0 - c**2) > 1e-3  # four steps do not return the data's variance: the test can tell them apart

@@ -20,12 +20,16 @@ VARIANCES = ("beta_tilde", "beta")
 Callback = Callable[[int, torch.Tensor], None]
 
 
-def _chain(schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | None) -> list[tuple[int, int]]:
-    """The (t, s) pairs of the chain, from the last timestep down to s = -1 (the data)."""
-    if x_T.ndim != 4:
-        raise ValueError(f"x_T must have shape [B, C, H, W], got {list(x_T.shape)}")
+def chain_pairs(schedule: NoiseSchedule, steps: int | None) -> list[tuple[int, int]]:
+    """The (t, s) pairs every sampler walks, from the last timestep down to s = -1 (the data)."""
     tau = schedule.timesteps(schedule.num_timesteps if steps is None else steps).tolist()
     return [(tau[i], tau[i - 1] if i > 0 else -1) for i in reversed(range(len(tau)))]
+
+
+def _chain(schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | None) -> list[tuple[int, int]]:
+    if x_T.ndim != 4:
+        raise ValueError(f"x_T must have shape [B, C, H, W], got {list(x_T.shape)}")
+    return chain_pairs(schedule, steps)
 
 
 def walk(schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | None,

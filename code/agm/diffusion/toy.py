@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from agm.diffusion.samplers import chain_pairs
 from agm.diffusion.schedule import NoiseSchedule
 from agm.distributions import gaussian_kl
 
@@ -353,3 +354,26 @@ class LinearGaussianReverse:
         q = torch.distributions.MultivariateNormal(abar.sqrt() * x0[:, None], covariance_matrix=cov_q)
         p = torch.distributions.MultivariateNormal(mean[1:] + gain * (x0[:, None] - mean[0]), covariance_matrix=cov_p)
         return torch.distributions.kl_divergence(q, p)
+
+
+def gaussian_ddim_coefficients(schedule: NoiseSchedule, c: float, t: int, s: int, eta: float) -> tuple[float, float]:
+    r"""(m, σ) of one unclipped generalized DDIM step $x_s = m\,x_t + \sigma z$ for data $\mathcal N(0, c^2)$
+    and the exact noise predictor $\epsilon^* = \sqrt{1-\bar\alpha_t}\,x_t / v_t$ with
+    $v_t = \bar\alpha_t c^2 + 1 - \bar\alpha_t$ (Chapter 40)."""
+    a_t, a_s = schedule.alpha_bar(t).item(), schedule.alpha_bar(s).item()
+    # $\sigma = \eta \sqrt{(1-\bar\alpha_s)/(1-\bar\alpha_t)}\sqrt{1-\bar\alpha_t/\bar\alpha_s}$, as in ddim_step
+    sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
+    # $m = \big(\sqrt{\bar\alpha_s\bar\alpha_t}\,c^2 + \sqrt{(1-\bar\alpha_s-\sigma^2)(1-\bar\alpha_t)}\big) / v_t$
+    m = (math.sqrt(a_s * a_t) * c**2 + math.sqrt(max(1 - a_s - sigma**2, 0.0) * (1 - a_t))) / (a_t * c**2 + 1 - a_t)
+    return m, sigma
+
+
+def gaussian_ddim_variance(schedule: NoiseSchedule, c: float, steps: int | None, eta: float) -> float:
+    """The variance of what ``ddim_sample`` returns from x_T ~ N(0, 1) with the exact noise predictor of data
+    N(0, c²), unclipped: the recursion v <- m² v + σ² along the sampler's own chain (Chapter 40)."""
+    v = 1.0
+    for t, s in chain_pairs(schedule, steps):
+        m, sigma = gaussian_ddim_coefficients(schedule, c, t, s, eta)
+        # $v \leftarrow m_t^2 v + \sigma_t^2$
+        v = m**2 * v + sigma**2
+    return v
