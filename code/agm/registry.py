@@ -21,6 +21,7 @@ MODEL_MODULES = [
     "agm.foundations.bernoulli",
     "agm.foundations.mixture",
     "agm.foundations.fgan",
+    "agm.gan.gan",
     "agm.vae.vae",
     "agm.vae.beta_vae",
     "agm.vae.vqvae",
