@@ -17,7 +17,7 @@ from agm.registry import ModelSpec, TrainResult, register
 from agm.runtime import budget
 
 # registered name -> what its network outputs
-PREDICTIONS = {"ddpm-x0": "sample"}
+PREDICTIONS = {"ddpm-x0": "sample", "ddpm-v": "v_prediction"}
 SYMBOLS = {"epsilon": "ε", "sample": "x_0", "v_prediction": "v"}
 
 
