@@ -107,3 +107,13 @@ def test_stored_table_names_the_command_for_missing_cells_and_reads_complete_one
     fill("ddpm", registry.load_model("ddpm")[0], settings, seeds=(0, 1), n=200, log=lambda _: None)
     rows, reference = evaluations.stored_table("ddpm", settings, seeds=(0, 1))
     assert rows[0]["fid"] == 3.5 and rows[0]["seeds"] == 2 and reference["n_samples"] == 200
+
+
+def test_seed_values_and_mean_sd_read_the_cells_behind_a_row():
+    setting = Setting("ddim", 50)
+    cells = {f"{setting.key}/seed{seed}": {"fid": fid} for seed, fid in zip((0, 1, 2), (10.0, 13.0, 16.0), strict=True)}
+    assert evaluations.seed_values(cells, setting, "fid", seeds=(2, 0)) == [16.0, 10.0]
+    row = table(cells, [setting])[0]
+    assert evaluations.mean_sd(row, "fid") == "13.00 ± 3.00"
+    assert evaluations.mean_sd(row, "fid", ".1f", scale=0.1) == "1.3 ± 0.3"
+    assert evaluations.mean_sd({"fid": 2.0, "fid_sd": None}, "fid") == "2.00"  # one seed: no spread to show

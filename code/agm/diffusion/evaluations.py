@@ -127,6 +127,17 @@ def table(cells: dict[str, dict], settings: list[Setting]) -> list[dict]:
     return rows
 
 
+def seed_values(cells: dict[str, dict], setting: Setting, metric: str, seeds=SEEDS) -> list[float]:
+    """``metric`` of ``setting`` at each seed, in the order of ``seeds``: the cells behind a row of :func:`table`."""
+    return [cells[f"{setting.key}/seed{seed}"][metric] for seed in seeds]
+
+
+def mean_sd(row: dict, metric: str, fmt: str = ".2f", scale: float = 1.0) -> str:
+    """'mean ± s.d.' of ``metric`` in a row of :func:`table` (the mean alone where one seed gives no s.d.)."""
+    sd = row.get(f"{metric}_sd")
+    return f"{scale * row[metric]:{fmt}}" + ("" if sd is None else f" ± {scale * sd:{fmt}}")
+
+
 def stored_table(name: str, settings: list[Setting], seeds=SEEDS) -> tuple[list[dict], dict]:
     """The rows of :func:`table` from the manifest of ``name``, and the real-data reference at the cells' n.
 
