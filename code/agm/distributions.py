@@ -81,3 +81,22 @@ def mean_and_standard_error(values: torch.Tensor) -> tuple[float, float]:
         raise ValueError(f"need a 1-D tensor of at least two values, got shape {list(values.shape)}")
     v = values.double()
     return v.mean().item(), (v.std() / math.sqrt(len(v))).item()
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
+    r"""Spherical interpolation of two Gaussian latents (per example): keeps the norm such a latent should have.
+
+    $\mathrm{slerp}(a, b; w) = \frac{\sin((1-w)\theta)}{\sin\theta} a + \frac{\sin(w\theta)}{\sin\theta} b$,
+    $\cos\theta = \langle a, b\rangle / (\|a\|\|b\|)$ (Shoemake, 1985; Song et al., 2021, Sec. 5.4).
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have one shape, got {list(a.shape)} and {list(b.shape)}")
+    fa, fb = a.flatten(1), b.flatten(1)
+    cos = (fa * fb).sum(1) / (fa.norm(dim=1) * fb.norm(dim=1))
+    theta = cos.clamp(-1, 1).acos()[:, None]  # (B, 1)
+    # parallel a and b ($\theta \to 0$): the weights tend to $1 - w$ and $w$, where the formula is 0/0
+    arc = theta > 1e-4
+    sin = torch.sin(theta).clamp(min=1e-12)
+    w_a = torch.where(arc, torch.sin((1 - w) * theta) / sin, torch.full_like(theta, 1 - w))
+    w_b = torch.where(arc, torch.sin(w * theta) / sin, torch.full_like(theta, w))
+    return (w_a * fa + w_b * fb).view_as(a)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from agm.diffusion.schedule import NoiseSchedule
+from agm.distributions import slerp  # noqa: F401  (re-exported: the samplers interpolate noise)
 
 VARIANCES = ("beta_tilde", "beta")
 Callback = Callable[[int, torch.Tensor], None]
@@ -173,25 +174,6 @@ def ddim_invert(model: nn.Module, schedule: NoiseSchedule, x_0: torch.Tensor, st
         if callback is not None:
             callback(t + 1, x)
     return x
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
-    r"""Spherical interpolation of two noise tensors (per example): keeps the norm a Gaussian x_T should have.
-
-    $\mathrm{slerp}(a, b; w) = \frac{\sin((1-w)\theta)}{\sin\theta} a + \frac{\sin(w\theta)}{\sin\theta} b$,
-    $\cos\theta = \langle a, b\rangle / (\|a\|\|b\|)$ (Shoemake, 1985; Song et al., 2021, Sec. 5.4).
-    """
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must have one shape, got {list(a.shape)} and {list(b.shape)}")
-    fa, fb = a.flatten(1), b.flatten(1)
-    cos = (fa * fb).sum(1) / (fa.norm(dim=1) * fb.norm(dim=1))
-    theta = cos.clamp(-1, 1).acos()[:, None]  # (B, 1)
-    # parallel a and b ($\theta \to 0$): the weights tend to $1 - w$ and $w$, where the formula is 0/0
-    arc = theta > 1e-4
-    sin = torch.sin(theta).clamp(min=1e-12)
-    w_a = torch.where(arc, torch.sin((1 - w) * theta) / sin, torch.full_like(theta, 1 - w))
-    w_b = torch.where(arc, torch.sin(w * theta) / sin, torch.full_like(theta, w))
-    return (w_a * fa + w_b * fb).view_as(a)
 
 
 def sigma_ve(schedule: NoiseSchedule, t: int) -> torch.Tensor:
