@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from agm.data import IDX_FILES, raw_dir
+from agm.runtime import set_threads
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -9,6 +10,12 @@ def _mnist_present():
     missing = [n for n in IDX_FILES if not (raw_dir() / n).is_file()]
     if missing:
         pytest.exit(f"MNIST is missing from {raw_dir()}: run `make data` (python -m agm data) first", returncode=1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    """Honour AGM_THREADS in tests as the command line does (default: every core)."""
+    set_threads()
 
 
 @pytest.fixture

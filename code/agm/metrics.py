@@ -185,6 +185,23 @@ def classifier_outputs(images: torch.Tensor, batch_size: int = 1000) -> tuple[to
     return torch.cat(feats), torch.cat(probs)
 
 
+def label_accuracy(images: torch.Tensor, labels: torch.Tensor, num_classes: int = 10) -> tuple[float, torch.Tensor]:
+    """How often the classifier reads the requested digit in samples of a conditional model: the share of
+    ``images`` whose predicted class (the argmax) equals ``labels``, overall and per requested class
+    (``[num_classes]``, NaN for a class never requested)."""
+    labels = torch.as_tensor(labels).cpu()
+    in_range = labels.dtype == torch.long and bool(((labels >= 0) & (labels < num_classes)).all())
+    if labels.shape != (len(images),) or not in_range:
+        raise ValueError(f"labels must be [{len(images)}] integers in 0..{num_classes - 1}, got shape "
+                         f"{list(labels.shape)} and dtype {labels.dtype}")
+    predicted = classifier_outputs(images)[1].argmax(1)  # (N,)
+    correct = (predicted == labels).double()  # (N,)
+    # per requested class c: $\#\{i : y_i = c,\ \hat y_i = c\} \,/\, \#\{i : y_i = c\}$
+    hits = torch.bincount(labels, weights=correct, minlength=num_classes)  # (K,)
+    per_class = hits / torch.bincount(labels, minlength=num_classes)  # (K,), 0 / 0 = NaN
+    return correct.mean().item(), per_class
+
+
 PR_K = 3  # the k of the kit's precision and recall
 REFERENCE_RADII = f"radii_k{PR_K}"
 
