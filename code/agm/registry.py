@@ -22,6 +22,7 @@ MODEL_MODULES = [
     "agm.foundations.mixture",
     "agm.foundations.fgan",
     "agm.gan.gan",
+    "agm.gan.dcgan",
     "agm.vae.vae",
     "agm.vae.beta_vae",
     "agm.vae.vqvae",

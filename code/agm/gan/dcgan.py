@@ -23,7 +23,7 @@ from torch import nn
 
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.gan.training import Adversarial, check_image_shape, fit_adversarial, sample
-from agm.registry import ModelSpec, TrainResult
+from agm.registry import ModelSpec, TrainResult, register
 from agm.runtime import budget
 
 INIT_STD = 0.02  # Radford et al.: "all weights were initialized from a zero-centered Normal distribution with std 0.02"
@@ -134,9 +134,12 @@ def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
 
 
 def spec() -> ModelSpec:
-    """The model's entry for :mod:`agm.registry`; registered once its checkpoint is shipped."""
+    """The model's entry for :mod:`agm.registry`."""
     return ModelSpec(
         name="dcgan", chapter=8, summary="DCGAN on MNIST: strided (transposed) convolutions with BatchNorm",
         build=build, train=train, evaluate=lambda model: {}, sample=sample,
         train_minutes=22.0, samples="generator outputs",
     )
+
+
+register(spec())
