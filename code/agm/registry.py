@@ -23,6 +23,7 @@ MODEL_MODULES = [
     "agm.foundations.fgan",
     "agm.gan.gan",
     "agm.gan.dcgan",
+    "agm.gan.cgan",
     "agm.vae.vae",
     "agm.vae.beta_vae",
     "agm.vae.vqvae",

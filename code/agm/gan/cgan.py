@@ -27,7 +27,7 @@ from torch import nn
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.gan import dcgan
 from agm.gan.training import Adversarial, check_image_shape, fit_adversarial
-from agm.registry import ModelSpec, TrainResult
+from agm.registry import ModelSpec, TrainResult, register
 from agm.runtime import budget
 
 # DCGAN's width and run (:mod:`agm.gan.dcgan`): 0.11 s per step against DCGAN's 0.08 s, measured over 60 steps at
@@ -156,10 +156,13 @@ def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
 
 
 def spec() -> ModelSpec:
-    """The model's entry for :mod:`agm.registry`; registered once its checkpoint is shipped."""
+    """The model's entry for :mod:`agm.registry`."""
     return ModelSpec(
         name="cgan", chapter=9,
         summary="conditional DCGAN on MNIST: label embedding in G, projection discriminator",
         build=build, train=train, evaluate=evaluate, sample=sample, conditional=True, num_classes=10,
         train_minutes=40.0, samples="generator outputs",
     )
+
+
+register(spec())
