@@ -87,3 +87,25 @@ def test_no_chapter_defines_an_algorithm(path):
 def test_no_chapter_types_a_number(path):
     problems = typed_numbers(path.read_text(encoding="utf-8"))
     assert not problems, "\n".join(f"{path}:{n}: {m}" for n, m in problems)
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_every_included_object_exists(path):
+    """A ``literalinclude`` with ``:pyobject:`` names a function, class or method its file defines (Sphinx
+    only warns, late in the build, when code moves)."""
+    import ast
+    import re
+
+    text = path.read_text()
+    missing = []
+    for match in re.finditer(r"```\{literalinclude\} (\S+)\n((?::[^\n]*\n)*)", text):
+        obj = re.search(r"^:pyobject: (\S+)$", match.group(2), re.M)
+        if obj is None:
+            continue
+        tree = ast.parse((path.parent / match.group(1)).read_text())
+        names = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        names |= {f"{c.name}.{f.name}" for c in tree.body if isinstance(c, ast.ClassDef)
+                  for f in c.body if isinstance(f, ast.FunctionDef)}
+        if obj.group(1) not in names:
+            missing.append(f"{match.group(1)}: {obj.group(1)}")
+    assert not missing, f"{path.name} includes objects its files do not define: {missing}"
