@@ -237,11 +237,17 @@ def test_dcgan_trains_at_the_smoke_budget_and_records_fid_over_training(monkeypa
     spec.build(result.config).load_state_dict(result.model.state_dict())
 
 
-def test_recording_fid_leaves_the_training_run_unchanged():
+@pytest.mark.parametrize("module", ["dcgan", "cgan"])
+def test_recording_fid_leaves_the_training_run_unchanged(module):
+    """The kit's samples (and a conditional GAN's label accuracy) draw from their own generator."""
+    from agm.gan import cgan
+
+    family = {"dcgan": (dcgan.DCGANConfig, dcgan.fit), "cgan": (cgan.CGANConfig, cgan.fit)}[module]
+
     def run(fid_every):
-        config = dcgan.DCGANConfig(latent_dim=16, channels=8, fid_every=fid_every, fid_samples=200,
-                                   train=dcgan.dcgan_training(6, batch_size=16))
-        return dcgan.fit(config, log=lambda _: None)
+        config = family[0](latent_dim=16, channels=8, fid_every=fid_every, fid_samples=200,
+                           train=dcgan.dcgan_training(6, batch_size=16))
+        return family[1](config, log=lambda _: None)
 
     with_fid, logs = run(3)
     without, _ = run(None)
