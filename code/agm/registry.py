@@ -24,6 +24,7 @@ MODEL_MODULES = [
     "agm.gan.gan",
     "agm.gan.dcgan",
     "agm.gan.cgan",
+    "agm.gan.wgan",
     "agm.vae.vae",
     "agm.vae.beta_vae",
     "agm.vae.vqvae",

@@ -30,7 +30,7 @@ from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import batches, mnist
 from agm.gan.dcgan import NORMS, Discriminator, Generator, init_weights
 from agm.gan.training import fid_point, sample
-from agm.registry import ModelSpec, TrainResult, refuse_labels
+from agm.registry import ModelSpec, TrainResult, refuse_labels, register
 from agm.runtime import budget, device
 from agm.train import gradient_step, run_steps
 
@@ -39,10 +39,10 @@ OPTIMIZERS = ("rmsprop", "adam")
 # Seconds per generator step (n_critic = 5 critic updates and one generator update, batch 64, C = 32), measured
 # over 10-20 steps at AGM_THREADS=1 on a 2-core machine shared with other jobs, where DCGAN's step (batch 128,
 # C = 64) took 0.60-0.82 s: clipping 0.31-0.51 s, the gradient penalty 0.72-0.94 s; a FID point of 2000 samples
-# took 8.5-10.4 s. So 2800 steps of `train wgan` with 15 FID points take 17-27 min, and 1500 steps of
-# `train wgan-gp` with 16 FID points 20-27 min, inside the 30 min of each.
-WGAN_STEPS = 2800
-WGAN_GP_STEPS = 1500
+# took 8.5-10.4 s. A first run of 2800 clipping steps with 15 FID points took 16.6 min, so 4000 steps of
+# `train wgan` with 21 FID points take about 24 min; 1800 steps of `train wgan-gp` with 19 FID points, 25-31 min.
+WGAN_STEPS = 4000
+WGAN_GP_STEPS = 1800
 
 
 def wgan_training(steps: int = WGAN_STEPS, **changes) -> TrainConfig:
@@ -314,3 +314,7 @@ def spec(name: str) -> ModelSpec:
         name=name, chapter=10, summary=SUMMARIES[name], build=build, train=trainer(name),
         evaluate=lambda model: {}, sample=sample, train_minutes=TRAIN_MINUTES[name], samples="generator outputs",
     )
+
+
+for _name in MODELS:
+    register(spec(_name))
