@@ -1,4 +1,4 @@
-"""GANs, Chapters 6 and 8: the losses against closed forms, the networks' properties, smoke runs."""
+"""GANs, Chapters 6, 8 and 11: the losses against closed forms, the networks' properties, smoke runs."""
 
 import copy
 import math
@@ -11,7 +11,7 @@ from scipy.optimize import minimize
 from scipy.spatial.distance import jensenshannon
 
 from agm.data import mnist
-from agm.gan import dcgan, gan, losses
+from agm.gan import bigan, dcgan, gan, losses
 from agm.gan.training import train_step
 from agm.train import NonFiniteLossError, gradient_step
 
@@ -24,6 +24,8 @@ def small(kind: str):
     torch.manual_seed(0)
     if kind == "gan":
         return gan.GAN(gan.GANConfig(latent_dim=8, hidden=32))
+    if kind == "bigan":
+        return bigan.BiGAN(bigan.BiGANConfig(latent_dim=8, channels=8, hidden=16))
     return dcgan.DCGAN(dcgan.DCGANConfig(latent_dim=16, channels=8))
 
 
@@ -189,16 +191,17 @@ def test_train_step_moves_both_networks_and_the_generator_step_lowers_its_loss()
     assert loss_after < loss_before
 
 
-@pytest.mark.parametrize("kind", ["gan", "dcgan"])
+@pytest.mark.parametrize("kind", ["gan", "dcgan", "bigan"])
 def test_nan_in_the_data_raises_non_finite_loss_error_before_any_update(kind):
     model = small(kind)
     real = torch.rand(8, 1, 28, 28)
     real[3, 0, 5, 5] = float("nan")
-    opt_g = torch.optim.Adam(model.generator.parameters())
+    opt_g = torch.optim.Adam(model.generator_side())
     opt_d = torch.optim.Adam(model.discriminator.parameters())
     before = copy.deepcopy(model)
+    step = bigan.train_step if kind == "bigan" else train_step
     with pytest.raises(NonFiniteLossError, match="discriminator"):
-        train_step(model, opt_g, opt_d, real, torch.Generator().manual_seed(0))
+        step(model, opt_g, opt_d, real, torch.Generator().manual_seed(0))
     for old, new in zip(before.parameters(), model.parameters(), strict=True):
         assert torch.equal(old, new)
 
@@ -237,12 +240,13 @@ def test_dcgan_trains_at_the_smoke_budget_and_records_fid_over_training(monkeypa
     spec.build(result.config).load_state_dict(result.model.state_dict())
 
 
-@pytest.mark.parametrize("module", ["dcgan", "cgan"])
+@pytest.mark.parametrize("module", ["dcgan", "cgan", "bigan"])
 def test_recording_fid_leaves_the_training_run_unchanged(module):
     """The kit's samples (and a conditional GAN's label accuracy) draw from their own generator."""
     from agm.gan import cgan
 
-    family = {"dcgan": (dcgan.DCGANConfig, dcgan.fit), "cgan": (cgan.CGANConfig, cgan.fit)}[module]
+    family = {"dcgan": (dcgan.DCGANConfig, dcgan.fit), "cgan": (cgan.CGANConfig, cgan.fit),
+              "bigan": (bigan.BiGANConfig, bigan.fit)}[module]
 
     def run(fid_every):
         config = family[0](latent_dim=16, channels=8, fid_every=fid_every, fid_samples=200,

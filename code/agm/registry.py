@@ -25,6 +25,8 @@ MODEL_MODULES = [
     "agm.gan.dcgan",
     "agm.gan.cgan",
     "agm.gan.wgan",
+    "agm.gan.bigan",
+    "agm.gan.inversion",
     "agm.vae.vae",
     "agm.vae.beta_vae",
     "agm.vae.vqvae",

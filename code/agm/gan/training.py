@@ -7,6 +7,8 @@ A conditional GAN (Chapter 9) does the same on pairs (x, y): G(z, y) against a d
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -54,6 +56,10 @@ class Adversarial(nn.Module):
             raise ValueError("a conditional GAN needs labels y" if self.conditional else
                              "this GAN is not class-conditional: it takes no labels")
         return () if labels is None else (labels,)
+
+    def generator_side(self) -> list[nn.Parameter]:
+        """The parameters that the generator's optimizer updates: G's (a BiGAN adds its encoder's)."""
+        return list(self.generator.parameters())
 
     def fake(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """G(z), or G(z, y) for a conditional GAN: (B, 1, 28, 28)."""
@@ -112,23 +118,25 @@ def fid_point(model: Adversarial, step: int, n: int, seed: int = 0) -> dict[str,
 
 
 def fit_adversarial(model: Adversarial, train: TrainConfig, desc: str, log_every: int = 500, log=print,
-                    fid_every: int | None = None, fid_samples: int = 2000) -> tuple[Adversarial, dict]:
-    """Alternating updates through :func:`agm.train.run_steps` on shuffled epochs of the 60 000 training
-    images (gray levels in [0, 1]), with their labels for a conditional GAN. Returns the model and
+                    fid_every: int | None = None, fid_samples: int = 2000,
+                    step: Callable[..., dict] = train_step) -> tuple[Adversarial, dict]:
+    """Alternating updates ``step(model, opt_g, opt_d, real, generator, labels)`` (:func:`train_step` unless
+    given) through :func:`agm.train.run_steps` on shuffled epochs of the 60 000 training images (gray
+    levels in [0, 1]), with their labels for a conditional GAN. Returns the model and
     ``{"history": [...], "fid": [...]}``; with ``fid_every``, the kit on ``fid_samples`` samples at step 0,
     every ``fid_every`` steps and the last."""
     generator = torch.Generator().manual_seed(train.seed)
     x, y = mnist("trainval")
     dev = device()
     model = model.to(dev)
-    opt_g, opt_d = train.adam(model.generator.parameters()), train.adam(model.discriminator.parameters())
+    opt_g, opt_d = train.adam(model.generator_side()), train.adam(model.discriminator.parameters())
     data = batches(x, y if model.conditional else None, batch_size=train.batch_size, generator=generator,
                    device=dev, drop_last=True)  # images (B, 1, 28, 28), or (images, labels (B,))
     fid = [fid_point(model, 0, fid_samples)] if fid_every else []
 
-    def step_fn(step: int) -> dict[str, float]:
+    def step_fn(_: int) -> dict[str, float]:
         real, labels = next(data) if model.conditional else (next(data), None)
-        return train_step(model, opt_g, opt_d, real, generator, labels)
+        return step(model, opt_g, opt_d, real, generator, labels)
 
     def after_step(step: int, logs: dict) -> None:
         last = step == train.steps
