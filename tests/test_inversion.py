@@ -114,3 +114,13 @@ def test_central_difference_jacobians_match_autograd():
     for i in range(3):
         exact = torch.autograd.functional.jacobian(lambda v: g64(v[None]).flatten(), z[i].double())
         assert torch.allclose(jac[i], exact, rtol=1e-6, atol=1e-9)
+
+
+def test_reconstruction_report_of_exact_preimages():
+    g = small_generator()
+    z = torch.randn(4, 6, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        x = g(z)
+    result = inversion.InversionResult(z, inversion.pixel_error(g, z, x).detach(), seconds=2.0)
+    report = inversion.reconstruction_report(g, result, x)
+    assert report == {"pixel_mse": 0.0, "label_agreement": 1.0, "seconds_per_image": 0.5}
