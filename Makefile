@@ -1,5 +1,6 @@
 # The two commands: `make book` and `make test`. Each bootstraps .venv itself.
 PYTHON ?= python3
+PYTEST_JOBS ?= auto
 VENV   := .venv
 BIN    := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.agm-runtime
@@ -43,8 +44,8 @@ book: data
 	@$(BIN)/python -m agm.book build
 
 pytest: $(TEST_STAMP) data
-	@echo "==> Running pytest"
-	@$(BIN)/python -m pytest
+	@echo "==> Running pytest ($(PYTEST_JOBS) workers)"
+	@$(BIN)/python -m pytest -n $(PYTEST_JOBS) --durations=25
 
 smoke-book: data
 	@echo "==> Smoke build of the whole book (AGM_SMOKE=1, warnings are errors) into _build/smoke"

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -14,8 +16,9 @@ def _mnist_present():
 
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
-    """Honour AGM_THREADS in tests as the command line does (default: every core)."""
-    set_threads()
+    """Honour AGM_THREADS in tests as the command line does (default: every core, shared among xdist workers)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    set_threads(None if "AGM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from agm import book
 from agm.sphinx_ext import chapter_number, mathjax_source
 
 
-def write_tiny_book(root: Path, value: int, prose: str) -> None:
+def write_tiny_book(root: Path, value: int, prose: str, pages: int = 1) -> None:
     (root / "pkg").mkdir(parents=True, exist_ok=True)
     (root / "pkg" / "tinymod.py").write_text(f"VALUE = {value}\n")
     (root / "_config.yml").write_text(textwrap.dedent("""\
@@ -32,10 +32,14 @@ def write_tiny_book(root: Path, value: int, prose: str) -> None:
           - caption: A part
             numbered: true
             chapters:
-              - file: 07-page
-        """))
+        """) + "".join(f"      - file: {7 + i:02d}-page\n" for i in range(pages)))
     (root / "index.md").write_text("# Tiny book\n")
-    (root / "07-page.md").write_text(textwrap.dedent(f"""\
+    for i in range(pages):
+        (root / f"{7 + i:02d}-page.md").write_text(tiny_page(prose, 7 + i))
+
+
+def tiny_page(prose: str, number: int) -> str:
+    return textwrap.dedent(f"""\
         ---
         jupytext:
           text_representation:
@@ -49,16 +53,16 @@ def write_tiny_book(root: Path, value: int, prose: str) -> None:
         {prose}
 
         ```{{code-cell}} ipython3
-        import sys, uuid
+        import sys, uuid  # page {number}
         sys.path.insert(0, "pkg")
         import tinymod
         print("value", tinymod.VALUE, "run", uuid.uuid4().hex)
         ```
-        """))
+        """)
 
 
-def built_output(root: Path) -> tuple[str, str]:
-    html = (root / "_build" / "html" / "07-page.html").read_text()
+def built_output(root: Path, page: str = "07-page") -> tuple[str, str]:
+    html = (root / "_build" / "html" / f"{page}.html").read_text()
     m = re.search(r"value (\d+) run ([0-9a-f]{32})", html)
     assert m, "the cell's output is missing from the page"
     return m.group(1), m.group(2)
@@ -89,6 +93,22 @@ def test_code_change_reexecutes_and_prose_change_does_not(tmp_path, monkeypatch)
     book.build(tmp_path, globs=globs, log=lambda *_: None)
     value, run2 = built_output(tmp_path)
     assert value == "2" and run2 != run, "a code change left a stale output"
+
+
+@pytest.mark.slow
+def test_chapters_executed_ahead_in_parallel_are_the_ones_sphinx_shows(tmp_path, monkeypatch):
+    from jupyter_cache import get_cache
+
+    monkeypatch.delenv("AGM_BOOK_OUT", raising=False)
+    write_tiny_book(tmp_path, value=3, prose="Words.", pages=3)
+    assert [p.name for p in book.toc_files(tmp_path)] == ["index.md", "07-page.md", "08-page.md", "09-page.md"]
+    logs = []
+    book.build(tmp_path, globs=("pkg/**/*.py",), log=logs.append, jobs=2)
+    assert "book: 3 chapters executed" in " ".join(logs)
+    cache = get_cache(str(tmp_path / "_build" / ".jupyter_cache"))
+    cached = {cache.get_cache_bundle(r.pk).nb.cells[0].outputs[0]["text"].split()[-1] for r in cache.list_cache_records()}
+    shown = {built_output(tmp_path, page)[1] for page in ("07-page", "08-page", "09-page")}
+    assert len(shown) == 3 and shown == cached, "Sphinx executed a chapter again instead of using the cache"
 
 
 def test_fingerprint_tracks_code_and_checkpoints_not_prose(tmp_path):

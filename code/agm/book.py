@@ -7,18 +7,26 @@ one the previous build recorded, that build's outputs and execution cache are di
 chapter runs again. A prose-only edit leaves the fingerprint alone and re-executes nothing.
 
 Smoke builds (``AGM_SMOKE=1``) and full builds never share an output folder or a cache.
+
+Sphinx executes one notebook at a time. Before it runs, :func:`execute_ahead` executes the chapters
+that the cache lacks several at a time (``--jobs``, default: up to four, each with its share of the
+cores) and stores them in the cache, where Sphinx finds them as it would its own executions. A chapter
+that fails there is left out of the cache, so Sphinx runs it again and reports the error in place.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
+import multiprocessing
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -95,7 +103,93 @@ def external_assets(html_dir: Path) -> list[str]:
     return found
 
 
-def build(root: Path = REPO_ROOT, smoke: bool = False, globs=FINGERPRINT_GLOBS, log=print) -> Path:
+def toc_files(root: Path) -> list[Path]:
+    """The pages of ``_toc.yml`` in reading order (root, parts' chapters and their sections)."""
+    found: list[Path] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key in ("root", "file"):
+                if isinstance(node.get(key), str):
+                    found.append(root / f"{node[key]}.md")
+            for value in node.values():
+                if isinstance(value, list):
+                    for item in value:
+                        walk(item)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(yaml.safe_load((root / "_toc.yml").read_text()))
+    return [p for p in found if p.is_file()]
+
+
+def default_jobs() -> int:
+    """Chapters executed at once: ``AGM_BOOK_JOBS``, else up to four (at least two: one chapter keeps two cores
+    busy only part of the time)."""
+    return int(os.environ.get("AGM_BOOK_JOBS", "0")) or max(2, min(4, os.cpu_count() or 1))
+
+
+def _execute(path: str, text: str, timeout: int, env: dict) -> tuple[str, object, float, str | None]:
+    """Worker of :func:`execute_ahead`: one chapter executed in a fresh kernel (run in a child process)."""
+    from jupyter_cache.executors.utils import single_nb_execution
+    from myst_nb.core.read import read_myst_markdown_notebook
+
+    os.environ.update(env)
+    notebook = read_myst_markdown_notebook(text, add_source_map=True, path=path)
+    result = single_nb_execution(notebook, cwd=str(Path(path).parent), allow_errors=False, timeout=timeout,
+                                 meta_override=True)
+    return path, notebook, result.time, None if result.err is None else result.exc_string
+
+
+def execute_ahead(root: Path, out: Path, smoke: bool, env: dict, jobs: int, log=print) -> int:
+    """Execute the chapters of the book that the build's cache lacks, ``jobs`` at a time, and cache them.
+
+    The notebooks are read as myst-nb reads them for Sphinx, so the cache keys match. Returns how many
+    chapters were executed and cached.
+    """
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+    from myst_nb.core.read import is_myst_markdown_notebook, read_myst_markdown_notebook
+
+    cache = get_cache(str((out / ".jupyter_cache").resolve()))
+    todo = []
+    for page in toc_files(root):
+        text = page.read_text()
+        if not is_myst_markdown_notebook(text):
+            continue
+        try:
+            cache.match_cache_notebook(read_myst_markdown_notebook(text, add_source_map=True, path=str(page)))
+        except KeyError:
+            todo.append((str(page), text))
+    if jobs < 2 or len(todo) < 2:
+        return 0
+    cores = os.cpu_count() or 1
+    threads = str(max(1, cores // jobs))
+    env = dict(env, AGM_THREADS=os.environ.get("AGM_THREADS", threads),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads))
+    timeout = TIMEOUT_S["smoke" if smoke else "full"]
+    log(f"book: executing {len(todo)} chapters, {jobs} at a time")
+    start, cached = time.perf_counter(), 0
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = [pool.submit(_execute, path, text, timeout, env) for path, text in todo]
+        for future in concurrent.futures.as_completed(futures):
+            path, notebook, seconds, error = future.result()
+            name = Path(path).relative_to(root)
+            if error is not None:
+                log(f"book: {name} failed; the build runs it again to report the error")
+                continue
+            cache.cache_notebook_bundle(CacheBundleIn(notebook, path, data={"execution_seconds": seconds}),
+                                        check_validity=False, overwrite=True)
+            cached += 1
+            log(f"book: {name} executed in {seconds:.0f} s")
+    log(f"book: {cached} chapters executed in {time.perf_counter() - start:.0f} s")
+    return cached
+
+
+def build(root: Path = REPO_ROOT, smoke: bool = False, globs=FINGERPRINT_GLOBS, log=print,
+          jobs: int | None = None) -> Path:
     """Build the book under ``root`` incrementally; return the HTML folder."""
     out = build_dir(root, smoke)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,6 +197,7 @@ def build(root: Path = REPO_ROOT, smoke: bool = False, globs=FINGERPRINT_GLOBS, 
     discard_stale(out, current, log)
     config = write_config(root, out, smoke)
     env = dict(os.environ, AGM_SMOKE="1" if smoke else "0", PYDEVD_DISABLE_FILE_VALIDATION="1")
+    execute_ahead(root, out, smoke, env, default_jobs() if jobs is None else jobs, log)
     jupyter_book = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()"]
     cmd = jupyter_book + ["build", str(root), "--config", str(config), "--toc", str(root / "_toc.yml"),
                           "--path-output", str(path_output(root, smoke)), "-W", "-n", "--keep-going"]
@@ -178,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build the book (incremental; stale outputs are discarded)")
     b.add_argument("--smoke", action="store_true", help="AGM_SMOKE=1 budgets, into _build/smoke")
+    b.add_argument("--jobs", type=int, default=None,
+                   help="chapters executed at once (default: AGM_BOOK_JOBS, else up to 4; 1: one at a time)")
     r = sub.add_parser("run", help="execute one chapter as a notebook, without building the book")
     r.add_argument("chapter", type=Path, nargs="+")
     r.add_argument("--full", action="store_true", help="full budgets instead of smoke budgets")
@@ -186,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--screenshot", type=Path, default=REPO_ROOT / "_build" / "offline-check.png")
     args = p.parse_args(argv)
     if args.command == "build":
-        html = build(smoke=args.smoke)
+        html = build(smoke=args.smoke, jobs=args.jobs)
         print(f"book: done; open {html / 'index.html'}")
     elif args.command == "run":
         for chapter in args.chapter:
