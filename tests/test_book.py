@@ -106,7 +106,8 @@ def test_chapters_executed_ahead_in_parallel_are_the_ones_sphinx_shows(tmp_path,
     book.build(tmp_path, globs=("pkg/**/*.py",), log=logs.append, jobs=2)
     assert "book: 3 chapters executed" in " ".join(logs)
     cache = get_cache(str(tmp_path / "_build" / ".jupyter_cache"))
-    cached = {cache.get_cache_bundle(r.pk).nb.cells[0].outputs[0]["text"].split()[-1] for r in cache.list_cache_records()}
+    cached = {cache.get_cache_bundle(r.pk).nb.cells[0].outputs[0]["text"].split()[-1]
+              for r in cache.list_cache_records()}
     shown = {built_output(tmp_path, page)[1] for page in ("07-page", "08-page", "09-page")}
     assert len(shown) == 3 and shown == cached, "Sphinx executed a chapter again instead of using the cache"
 

@@ -1,7 +1,8 @@
 """Multi-head self-attention through ``scaled_dot_product_attention``: one layer for the whole book.
 
 Used over the pixels of a feature map (the U-Net, no mask) and over a sequence of tokens (the
-transformer, causal, with a key/value cache for generation one token at a time).
+transformer, causal, with a key/value cache for generation one token at a time). ``attention_weights``
+writes the softmax matrix out in full, for reading and plotting (Chapter 43).
 """
 
 from __future__ import annotations
@@ -14,6 +15,21 @@ from torch import nn
 
 # (q, k, offset) -> (q, k): a position-dependent map applied to queries and keys (rotary embeddings)
 QKTransform = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, causal: bool = False,
+                      scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + M): queries (..., T, d) and keys (..., S, d) -> weights (..., T, S), rows summing
+    to one. ``scale`` defaults to 1/sqrt(d). With ``causal``, the T queries are the last T of the S positions
+    (as with a KV cache) and query i attends to keys 0..S-T+i."""
+    T, S, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    # $s_{ij} = q_i \cdot k_j / \sqrt{d}$
+    scores = q @ k.transpose(-1, -2) * (d**-0.5 if scale is None else scale)  # (..., T, S)
+    if causal:
+        # $M_{ij} = -\infty$ for $j > i$: $e^{-\infty} = 0$, no weight on a later position
+        future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores.softmax(-1)
 
 
 class KVCache:
@@ -50,7 +66,7 @@ class SelfAttention(nn.Module):
                 qk_transform: QKTransform | None = None) -> torch.Tensor:
         """``h`` (B, T, C) -> (B, T, C). With ``cache``, ``h`` holds only the new positions offset..offset+T-1."""
         B, T, C = h.shape
-        q, k, v = self.qkv(h).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, C/H)
+        q, k, v = self.split_heads(h)  # 3 x (B, H, T, C/H)
         if qk_transform is not None:
             q, k = qk_transform(q, k, offset)
         if cache is not None:
@@ -62,6 +78,17 @@ class SelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(T, offset, h.device), dropout_p=dropout)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+    def split_heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, C) -> queries, keys, values of every head, each (B, H, T, C/H): one linear map, then a reshape."""
+        B, T, C = h.shape
+        q, k, v = self.qkv(h).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def weights(self, h: torch.Tensor) -> torch.Tensor:
+        """The attention weights of every head over ``h`` (B, T, C), no cache or qk_transform: (B, H, T, T)."""
+        q, k, _ = self.split_heads(h)
+        return attention_weights(q, k, self.causal)
 
     def _mask(self, T: int, offset: int, device: torch.device) -> torch.Tensor | None:
         """Causal mask of T new queries at positions offset.. against offset + T keys (True = attend)."""

@@ -143,19 +143,21 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prefix: torch.Tensor, new_tokens: int, generator: torch.Generator | None = None,
-                 temperature: float = 1.0) -> torch.Tensor:
-        """Ancestral sampling of ``new_tokens`` after ``prefix`` (B, T0), one position at a time through a
-        KV cache: x_t ~ softmax(logits_t / temperature). Returns (B, T0 + new_tokens); draws use the CPU
-        ``generator``, so a seed gives the same tokens on any device."""
+                 temperature: float = 1.0, use_cache: bool = True) -> torch.Tensor:
+        """Ancestral sampling of ``new_tokens`` after ``prefix`` (B, T0), one position at a time:
+        x_t ~ softmax(logits_t / temperature). Returns (B, T0 + new_tokens); draws use the CPU ``generator``,
+        so a seed gives the same tokens on any device. With ``use_cache`` each step feeds only the newest token
+        through a KV cache; without, each step runs the whole sequence again (same logits, more work)."""
         if new_tokens < 1 or temperature <= 0:
             raise ValueError(f"need new_tokens >= 1 and temperature > 0, got {new_tokens} and {temperature}")
-        cache, tokens = KVCache(), [prefix]
+        cache, tokens = KVCache() if use_cache else None, [prefix]
         logits = self(prefix, cache)[:, -1]  # (B, K)
         for i in range(new_tokens):
             probs = (logits.float() / temperature).softmax(-1)
             tokens.append(torch.multinomial(probs.cpu(), 1, generator=generator).to(prefix.device))  # (B, 1)
             if i < new_tokens - 1:
-                logits = self(tokens[-1], cache)[:, -1]
+                # the cache holds positions < t: feed x_t alone; without it, feed x_0..x_t again
+                logits = self(tokens[-1] if use_cache else torch.cat(tokens, 1), cache)[:, -1]
         return torch.cat(tokens, 1)
 
 

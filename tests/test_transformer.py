@@ -1,0 +1,48 @@
+"""The decoder-only transformer of Chapter 44: teacher forcing, generation with and without the KV cache,
+the parameter count of a block."""
+
+import pytest
+import torch
+
+from agm.nn.transformer import Block, Transformer, TransformerConfig, parameter_count
+
+
+def small(**fields) -> Transformer:
+    torch.manual_seed(0)
+    fields = {"vocab_size": 6, "block_size": 16, "width": 16, "heads": 2, "layers": 2} | fields
+    return Transformer(TransformerConfig(**fields)).eval()
+
+
+def test_one_forward_pass_gives_the_logits_of_every_prefix():
+    model = small()
+    tokens = torch.randint(6, (3, 16), generator=torch.Generator().manual_seed(1))
+    full = model(tokens)
+    prefixwise = torch.stack([model(tokens[:, : t + 1])[:, -1] for t in range(16)], 1)
+    assert torch.allclose(full, prefixwise, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary", "none"])
+def test_cached_and_uncached_generation_draw_the_same_tokens(positions):
+    model = small(positions=positions)
+    prefix = torch.zeros(4, 1, dtype=torch.long)
+    cached = model.generate(prefix, 15, torch.Generator().manual_seed(3))
+    uncached = model.generate(prefix, 15, torch.Generator().manual_seed(3), use_cache=False)
+    assert torch.equal(cached, uncached) and cached.shape == (4, 16)
+    assert not torch.equal(cached, model.generate(prefix, 15, torch.Generator().manual_seed(4)))
+
+
+def test_only_the_cached_path_feeds_one_token_at_a_time():
+    """The switch changes the work: the first layer sees T = 1 per step with the cache, the whole sequence without."""
+    model, seen = small(), []
+    hook = model.blocks[0].attn.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    for use_cache, expected in ((True, [2] + [1] * 5), (False, [2, 3, 4, 5, 6, 7])):
+        seen.clear()
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 6, torch.Generator().manual_seed(0), use_cache=use_cache)
+        assert seen == expected
+    hook.remove()
+
+
+@pytest.mark.parametrize("width,ratio", [(8, 4), (32, 4), (24, 2)])
+def test_a_block_has_4_plus_2r_width_squared_plus_r_plus_9_width_parameters(width, ratio):
+    block = Block(TransformerConfig(width=width, heads=4, mlp_ratio=ratio))
+    assert parameter_count(block) == (4 + 2 * ratio) * width**2 + (ratio + 9) * width
