@@ -143,22 +143,44 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prefix: torch.Tensor, new_tokens: int, generator: torch.Generator | None = None,
-                 temperature: float = 1.0, use_cache: bool = True) -> torch.Tensor:
+                 temperature: float = 1.0, use_cache: bool = True, top_k: int | None = None,
+                 top_p: float | None = None) -> torch.Tensor:
         """Ancestral sampling of ``new_tokens`` after ``prefix`` (B, T0), one position at a time:
-        x_t ~ softmax(logits_t / temperature). Returns (B, T0 + new_tokens); draws use the CPU ``generator``,
-        so a seed gives the same tokens on any device. With ``use_cache`` each step feeds only the newest token
-        through a KV cache; without, each step runs the whole sequence again (same logits, more work)."""
+        x_t ~ softmax(logits_t / temperature), restricted by :func:`filter_logits` to the ``top_k`` most likely
+        symbols or the smallest set of probability ``top_p`` (None: no restriction). Returns (B, T0 + new_tokens);
+        draws use the CPU ``generator``, so a seed gives the same tokens on any device. With ``use_cache`` each
+        step feeds only the newest token through a KV cache; without, each step runs the whole sequence again
+        (same logits, more work)."""
         if new_tokens < 1 or temperature <= 0:
             raise ValueError(f"need new_tokens >= 1 and temperature > 0, got {new_tokens} and {temperature}")
         cache, tokens = KVCache() if use_cache else None, [prefix]
         logits = self(prefix, cache)[:, -1]  # (B, K)
         for i in range(new_tokens):
-            probs = (logits.float() / temperature).softmax(-1)
+            probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
             tokens.append(torch.multinomial(probs.cpu(), 1, generator=generator).to(prefix.device))  # (B, 1)
             if i < new_tokens - 1:
                 # the cache holds positions < t: feed x_t alone; without it, feed x_0..x_t again
                 logits = self(tokens[-1] if use_cache else torch.cat(tokens, 1), cache)[:, -1]
         return torch.cat(tokens, 1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Logits (..., K) with every symbol outside the ``top_k`` largest, or outside the smallest set whose
+    probability reaches ``top_p`` (nucleus sampling, Holtzman et al., 2020), set to -inf. None keeps all."""
+    if top_k is not None:
+        if not 1 <= top_k <= logits.shape[-1]:
+            raise ValueError(f"top_k must be in 1..{logits.shape[-1]}, got {top_k}")
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (..., 1): the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        # drop a symbol when the symbols more likely than it already reach top_p
+        before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # (..., K)
+        drop = torch.zeros_like(before, dtype=torch.bool).scatter(-1, order, before >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
 
 
 def parameter_count(model: nn.Module) -> int:
