@@ -27,7 +27,8 @@ def test_tokens_round_trip_and_bit_i_is_pixel_i_of_the_patch(patch):
     assert torch.equal(detokenize(tokens, patch), x)
     if patch == 2:  # token (row r, col c) holds pixels (2r, 2c), (2r, 2c+1), (2r+1, 2c), (2r+1, 2c+1) as bits 0..3
         r, c = 5, 9
-        expected = sum(int(x[0, 0, 2 * r + a, 2 * c + b]) << (2 * a + b) for a, b in itertools.product((0, 1), repeat=2))
+        expected = sum(int(x[0, 0, 2 * r + a, 2 * c + b]) << (2 * a + b)
+                       for a, b in itertools.product((0, 1), repeat=2))
         assert tokens[0, 14 * r + c].item() == expected
 
 
@@ -92,7 +93,8 @@ def test_filter_logits_keeps_the_top_k_and_the_smallest_nucleus():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(50, 12, generator=generator)
     kept = filter_logits(logits, top_k=3).isfinite()
-    assert (kept.sum(1) == 3).all() and torch.equal(kept, torch.zeros_like(kept).scatter(1, logits.topk(3).indices, True))
+    top3 = torch.zeros_like(kept).scatter(1, logits.topk(3).indices, True)
+    assert (kept.sum(1) == 3).all() and torch.equal(kept, top3)
     for p in (0.3, 0.75, 0.95, 1.0):
         kept = filter_logits(logits, top_p=p).isfinite()
         probs = logits.softmax(-1)
