@@ -134,3 +134,28 @@ def test_trained_critic_approaches_the_divergence_from_below(class_models, gener
         final = history[-1][1]
         assert 0.8 * exact < final < exact * 1.05 + 0.01, (name, final, exact)
         assert history[0][1] < final
+
+
+@pytest.mark.parametrize("name", list(fdiv.DIVERGENCES))
+def test_exact_divergence_follows_the_conventions_where_q_vanishes(name):
+    d = fdiv.get(name)
+    # the slope f'(inf) = lim f(u)/u, approached numerically where it is finite
+    u = torch.tensor(1e12, dtype=torch.float64)
+    if math.isfinite(d.slope_at_infinity):
+        assert (d.f(u) / u).item() == pytest.approx(d.slope_at_infinity, abs=1e-9 + 1e-3 * abs(d.slope_at_infinity))
+    else:
+        assert (d.f(u) / u).item() > 20  # grows without bound (log u at u = 1e12 is about 27.6)
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64)
+    q = torch.tensor([0.6, 0.4, 0.0, 0.0], dtype=torch.float64)  # q = 0 < p at index 2; both zero at index 3
+    value = fdiv.divergence_exact(name, p, q)
+    expected = (q[:2] * d.f(p[:2] / q[:2])).sum() + 0.2 * d.slope_at_infinity
+    assert not torch.isnan(value)
+    assert value.item() == expected.item() or value.item() == pytest.approx(expected.item())  # inf == inf for KL
+    # the limit of q_eps -> q from inside: mass eps moved onto index 2
+    eps = 1e-9
+    q_eps = torch.tensor([0.6 - eps, 0.4, eps, 0.0], dtype=torch.float64)
+    near = fdiv.divergence_exact(name, p, q_eps).item()
+    if math.isfinite(d.slope_at_infinity):
+        assert near == pytest.approx(value.item(), abs=1e-4)  # Hellinger converges as sqrt(eps)
+    else:
+        assert near > 1.0

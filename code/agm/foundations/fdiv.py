@@ -30,6 +30,7 @@ class FDivergence:
     activation: Fn  # g_f: R -> dom f*
     conjugate_domain: tuple[float, float]  # (lo, hi): where f* is finite and g_f takes its values
     formula: str  # D_f in LaTeX, for the book's table
+    slope_at_infinity: float  # f'(inf) = lim f(u)/u: the weight of mass of P where q = 0 (Chapter 2's conventions)
     f_tex: str = ""
     conjugate_tex: str = ""
     activation_tex: str = ""
@@ -45,13 +46,13 @@ DIVERGENCES: dict[str, FDivergence] = {
         FDivergence(
             "kl", f=_xlogx,  # $f(u) = u\log u$
             conjugate=lambda t: torch.exp(t - 1), activation=lambda v: v,
-            conjugate_domain=(-math.inf, math.inf), formula=r"\int p \log\frac{p}{q}",
+            conjugate_domain=(-math.inf, math.inf), formula=r"\int p \log\frac{p}{q}", slope_at_infinity=math.inf,
             f_tex=r"u \log u", conjugate_tex=r"e^{t-1}", activation_tex=r"v",
         ),
         FDivergence(
             "reverse-kl", f=lambda u: -torch.log(u),  # $f(u) = -\log u$
             conjugate=lambda t: -1 - torch.log(-t), activation=lambda v: -torch.exp(-v),
-            conjugate_domain=(-math.inf, 0.0), formula=r"\int q \log\frac{q}{p}",
+            conjugate_domain=(-math.inf, 0.0), formula=r"\int q \log\frac{q}{p}", slope_at_infinity=0.0,
             f_tex=r"-\log u", conjugate_tex=r"-1-\log(-t)", activation_tex=r"-e^{-v}",
         ),
         FDivergence(
@@ -61,14 +62,14 @@ DIVERGENCES: dict[str, FDivergence] = {
             conjugate=lambda t: -0.5 * torch.log(2 - torch.exp(2 * t)),
             activation=lambda v: 0.5 * (LOG2 - F.softplus(-v)),
             conjugate_domain=(-math.inf, 0.5 * LOG2),
-            formula=r"\tfrac12 \int p \log\frac{2p}{p+q} + q \log\frac{2q}{p+q}",
+            formula=r"\tfrac12 \int p \log\frac{2p}{p+q} + q \log\frac{2q}{p+q}", slope_at_infinity=0.5 * LOG2,
             f_tex=r"\tfrac12\big[u\log u-(u+1)\log\tfrac{u+1}{2}\big]", conjugate_tex=r"-\tfrac12\log(2-e^{2t})",
             activation_tex=r"\tfrac12\big(\log 2-\log(1+e^{-v})\big)",
         ),
         FDivergence(
             "total-variation", f=lambda u: 0.5 * (u - 1).abs(),  # $f(u) = \tfrac12|u-1|$
             conjugate=lambda t: t, activation=lambda v: 0.5 * torch.tanh(v),
-            conjugate_domain=(-0.5, 0.5), formula=r"\tfrac12 \int \lvert p - q\rvert",
+            conjugate_domain=(-0.5, 0.5), formula=r"\tfrac12 \int \lvert p - q\rvert", slope_at_infinity=0.5,
             f_tex=r"\tfrac12\lvert u-1\rvert", conjugate_tex=r"t", activation_tex=r"\tfrac12\tanh v",
         ),
         FDivergence(
@@ -76,13 +77,13 @@ DIVERGENCES: dict[str, FDivergence] = {
             conjugate=lambda t: t**2 / 4 + t, activation=lambda v: v,
             # with f extended to all of R, as in Nowozin et al.; for t >= -2 it is also the
             # conjugate over u >= 0, and for t < -2 it bounds that conjugate from above.
-            conjugate_domain=(-math.inf, math.inf), formula=r"\int \frac{(p-q)^2}{q}",
+            conjugate_domain=(-math.inf, math.inf), formula=r"\int \frac{(p-q)^2}{q}", slope_at_infinity=math.inf,
             f_tex=r"(u-1)^2", conjugate_tex=r"\tfrac14 t^2+t", activation_tex=r"v",
         ),
         FDivergence(
             "squared-hellinger", f=lambda u: (torch.sqrt(u) - 1) ** 2,  # $f(u) = (\sqrt u - 1)^2$
             conjugate=lambda t: t / (1 - t), activation=lambda v: 1 - torch.exp(-v),
-            conjugate_domain=(-math.inf, 1.0), formula=r"\int (\sqrt p - \sqrt q)^2",
+            conjugate_domain=(-math.inf, 1.0), formula=r"\int (\sqrt p - \sqrt q)^2", slope_at_infinity=1.0,
             f_tex=r"(\sqrt u-1)^2", conjugate_tex=r"\frac{t}{1-t}", activation_tex=r"1-e^{-v}",
         ),
         FDivergence(
@@ -90,6 +91,7 @@ DIVERGENCES: dict[str, FDivergence] = {
             "gan", f=lambda u: _xlogx(u) - (u + 1) * torch.log(u + 1),
             conjugate=lambda t: -torch.log(1 - torch.exp(t)), activation=lambda v: -F.softplus(-v),
             conjugate_domain=(-math.inf, 0.0), formula=r"\int p \log\frac{2p}{p+q} + q\log\frac{2q}{p+q} - \log 4",
+            slope_at_infinity=0.0,
             f_tex=r"u\log u-(u+1)\log(u+1)", conjugate_tex=r"-\log(1-e^{t})", activation_tex=r"-\log(1+e^{-v})",
         ),
     ]
@@ -131,9 +133,13 @@ def bernoulli_pmf(probs: torch.Tensor) -> torch.Tensor:
 
 
 def divergence_exact(name: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """D_f(P||Q) between two distributions on the same finite set, given as probability vectors."""
-    # $D_f(P\|Q) = \sum_x q(x) f(p(x)/q(x))$
-    return (q * get(name).f(p / q)).sum()
+    """D_f(P||Q) between two distributions on the same finite set, given as probability vectors, with Chapter 2's
+    conventions where q vanishes: 0 where p does too, p f'(inf) where it does not (+inf for KL)."""
+    d, seen = get(name), q > 0
+    # $D_f(P\|Q) = \sum_{q(x) > 0} q(x) f(p(x)/q(x)) + f'(\infty) \sum_{q(x) = 0} p(x)$
+    inside = (q[seen] * d.f(p[seen] / q[seen])).sum()
+    outside = p[~seen].sum()
+    return inside + (outside * d.slope_at_infinity if outside > 0 else torch.zeros_like(inside))
 
 
 def bernoulli_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
