@@ -45,7 +45,7 @@ book: data
 
 pytest: $(TEST_STAMP) data
 	@echo "==> Running pytest ($(PYTEST_JOBS) workers)"
-	@$(BIN)/python -m pytest -n $(PYTEST_JOBS) --durations=25
+	@$(BIN)/python -m pytest -n $(PYTEST_JOBS) --dist worksteal --durations=25
 
 smoke-book: data
 	@echo "==> Smoke build of the whole book (AGM_SMOKE=1, warnings are errors) into _build/smoke"
