@@ -112,10 +112,14 @@ class ARTransformer(nn.Module):
             raise ValueError(f"tokens must lie in 0..{self.symbols - 1}")
         return tokens
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, K) of p(t_i | context, t_<i) at every position — teacher forcing, one pass."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, K) of p(t_i | context, t_<i) at every position — teacher forcing, one pass. ``drop``
+        (B,) bool puts the null token in place of the label in those rows."""
         self.check_tokens(tokens)
         start = self.context(len(tokens), labels, tokens.device)
+        if drop is not None:
+            start = start.masked_fill(drop.view(-1, 1).to(start.device), self.null)
         return self.transformer(torch.cat([start, tokens[:, :-1]], 1))
 
     def token_log_probs(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,11 +155,7 @@ def loss(model: ARTransformer, batch: tuple[torch.Tensor, torch.Tensor],
     x, y = batch
     tokens = tokenize(x, model.config.patch)
     drop = torch.rand(len(y), generator=generator) < model.config.p_uncond  # (B,)
-    logp = model(tokens, y).log_softmax(-1)  # label context; the dropped rows are recomputed below
-    if drop.any():
-        logp_null = model(tokens[drop], None).log_softmax(-1)
-        logp = logp.clone()
-        logp[drop] = logp_null
+    logp = model(tokens, y, drop).log_softmax(-1)  # (B, T, K)
     nll = -logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(1)  # (B,)
     return nll.mean(), {"nll_labelled": nll[~drop].mean().detach() if (~drop).any() else torch.tensor(float("nan"))}
 
