@@ -148,10 +148,11 @@ class ARTransformer(nn.Module):
         return detokenize(self.sample_tokens(n, labels, generator, **options), self.config.patch).cpu()
 
 
-def loss(model: ARTransformer, batch: tuple[torch.Tensor, torch.Tensor],
+def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
          generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
     """Mean NLL per image (nats) of binarized images with their labels, each label dropped to the null token
-    with probability p_uncond. Logs the NLL of the two halves separately."""
+    with probability p_uncond; logs the NLL of the labelled rows. Any token model with this module's
+    interface (``config.patch``, ``config.p_uncond``, ``model(tokens, labels, drop)``) trains with it."""
     x, y = batch
     tokens = tokenize(x, model.config.patch)
     drop = torch.rand(len(y), generator=generator) < model.config.p_uncond  # (B,)
@@ -160,8 +161,10 @@ def loss(model: ARTransformer, batch: tuple[torch.Tensor, torch.Tensor],
     return nll.mean(), {"nll_labelled": nll[~drop].mean().detach() if (~drop).any() else torch.tensor(float("nan"))}
 
 
-def fit(config: ARConfig, log=print, log_every: int = 500) -> tuple[ARTransformer, list[dict[str, float]]]:
-    """Adam on the 60 000 training images with their labels, re-binarized at every use."""
+def fit(config, log=print, log_every: int = 500, model_class: type[nn.Module] | None = None
+        ) -> tuple[nn.Module, list[dict[str, float]]]:
+    """Adam on the 60 000 training images with their labels, re-binarized at every use; the model is
+    ``model_class(config)`` (default :class:`ARTransformer`)."""
     from agm.data import batches, binarize, mnist
     from agm.runtime import device
     from agm.train import train_loop
@@ -171,19 +174,20 @@ def fit(config: ARConfig, log=print, log_every: int = 500) -> tuple[ARTransforme
     torch.manual_seed(train.seed)
     x, y = mnist("trainval")
     dev = device()
-    model = ARTransformer(config).to(dev)
+    model = (model_class or ARTransformer)(config).to(dev)
     optimizer = train.adam(model.parameters())
+    name = type(model).__name__
     history = train_loop(model, lambda m, batch: loss(m, batch, generator),
                          batches(x, y, batch_size=train.batch_size, generator=generator, transform=binarize,
                                  device=dev),
-                         optimizer, train.steps, log_every=log_every, desc="ar-transformer",
+                         optimizer, train.steps, log_every=log_every, desc=name,
                          scheduler=train.scheduler(optimizer, train.steps), grad_clip=train.grad_clip)
-    log(f"ar-transformer: {train.steps} steps, final loss {history[-1]['loss']:.2f}")
+    log(f"{name}: {train.steps} steps, final loss {history[-1]['loss']:.2f}")
     return model.cpu().eval(), history
 
 
 @torch.no_grad()
-def test_nll(model: ARTransformer, n: int | None = None, batch_size: int = 250) -> dict[str, float]:
+def test_nll(model: nn.Module, n: int | None = None, batch_size: int = 250) -> dict[str, float]:
     """Exact -log p(x) (null context) and -log p(x | y) on the first n images of the binarized test set."""
     from agm.data import binarized_test_set
     from agm.metrics import nll_report

@@ -8,13 +8,17 @@ exact likelihood as the transformer; the attention blocks are replaced by state-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agm.autoregressive.ar_transformer import NUM_CLASSES, detokenize, tokenize
+from agm.autoregressive import ar_transformer
+from agm.autoregressive.ar_transformer import NUM_CLASSES, ar_training, detokenize, tokenize
+from agm.config import TrainConfig, from_dict, to_dict
+from agm.data import check_images
+from agm.registry import ModelSpec, TrainResult, register
 from agm.ssm.layers import S4D, SelectiveSSM
 
 KINDS = ("s4d", "selective")
@@ -28,6 +32,7 @@ class SSMConfig:
     layers: int = 4
     state: int = 32  # states per channel
     p_uncond: float = 0.1  # label dropped to the null token in training
+    train: TrainConfig = field(default_factory=ar_training)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -75,12 +80,17 @@ class SSMModel(nn.Module):
             raise ValueError(f"labels must be [{n}] integers (torch.long) in 0..{NUM_CLASSES - 1}")
         return (self.symbols + labels).to(self.head.weight.device)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, K) of p(t_i | context, t_<i), every position in one pass (teacher forcing)."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, K) of p(t_i | context, t_<i), every position in one pass (teacher forcing); ``drop`` (B,)
+        bool puts the null token in place of the label in those rows."""
         if tokens.ndim != 2 or tokens.shape[1] != self.length or tokens.dtype != torch.long:
             raise ValueError(f"tokens must be a long tensor [B, {self.length}], got {tokens.dtype} "
                              f"{list(tokens.shape)}")
-        inputs = torch.cat([self.context(len(tokens), labels)[:, None], tokens[:, :-1]], 1)  # (B, T)
+        start = self.context(len(tokens), labels)
+        if drop is not None:
+            start = start.masked_fill(drop.to(start.device), self.null)
+        inputs = torch.cat([start[:, None], tokens[:, :-1]], 1)  # (B, T)
         h = self.embed(inputs)
         for block in self.blocks:
             h = block(h)
@@ -113,3 +123,44 @@ class SSMModel(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
                temperature: float = 1.0) -> torch.Tensor:
         return detokenize(self.sample_tokens(n, labels, generator, temperature), self.config.patch).cpu()
+
+
+# -- the registered models: the same tokens, loss, schedule and evaluation as ar-transformer -----------------
+
+def build(config: dict) -> SSMModel:
+    return SSMModel(from_dict(SSMConfig, config))
+
+
+def trainer(kind: str):
+    def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
+        from agm.runtime import is_smoke
+
+        config = SSMConfig(kind=kind)
+        config.train = config.train.budgeted(seed)
+        if is_smoke():
+            config.width, config.layers, config.state = 16, 1, 4
+        model, history = ar_transformer.fit(config, model_class=SSMModel)
+        return TrainResult(model, to_dict(config), steps=config.train.steps, extra={"history": history})
+
+    return train
+
+
+def sample(model: SSMModel, n: int, generator: torch.Generator, labels: torch.Tensor | None = None,
+           temperature: float = 1.0, unconditional: bool = False) -> torch.Tensor:
+    """``sample ssm``: the requested digits (default 0..9 in turn), or p(x) with ``unconditional``."""
+    return check_images(model.sample(n, generator, None if unconditional else labels, temperature))
+
+
+def add_sample_options(parser) -> None:
+    parser.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this before sampling")
+    parser.add_argument("--unconditional", action="store_true", help="the null context: draw from p(x), no label")
+
+
+SUMMARIES = {"ssm": ("s4d", "diagonal state-space model (S4D) over 2x2-pixel tokens"),
+             "ssm-selective": ("selective", "selective-scan SSM (Mamba-style) over 2x2-pixel tokens")}
+for _name, (_kind, _summary) in SUMMARIES.items():
+    register(ModelSpec(
+        name=_name, chapter=56, summary=_summary, build=build, train=trainer(_kind), sample=sample,
+        evaluate=ar_transformer.evaluate, conditional=True, train_minutes=60.0, add_sample_options=add_sample_options,
+        metric_sample_options=lambda: {"unconditional": True}, samples="binary images",
+    ))
