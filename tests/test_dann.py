@@ -79,9 +79,19 @@ def test_the_domain_loss_reaches_the_features_reversed_and_the_domain_head_uncha
 # -- properties and refusals ----------------------------------------------------------------------------
 
 
-def test_the_target_domain_inverts_gray_levels():
+def test_the_target_domains_invert_gray_levels_or_add_seeded_clipped_noise():
     x = torch.rand(3, 1, 28, 28)
     assert torch.equal(dann.invert(dann.invert(x)), x) and dann.invert(x).min() >= 0 and dann.invert(x).max() <= 1
+    assert torch.equal(dann.to_target(x, "invert", 1.0, "test"), 1 - x)
+    noisy = dann.to_target(x, "noise", 0.5, "test")
+    assert torch.equal(noisy, dann.to_target(x, "noise", 0.5, "test")) and 0 <= noisy.min() and noisy.max() <= 1
+    assert not torch.equal(noisy, dann.to_target(x, "noise", 0.5, "trainval"))  # each split its own noise
+    # away from the clipping, the added noise has the asked standard deviation
+    middle = torch.full((200, 1, 28, 28), 0.5)
+    added = dann.to_target(middle, "noise", 0.05, "test") - middle
+    assert abs(added.std().item() - 0.05) < 0.002 and abs(added.mean().item()) < 0.001
+    with pytest.raises(ValueError, match="unknown shift"):
+        dann.to_target(x, "blur", 1.0, "test")
 
 
 def test_shapes_and_refusals():
@@ -92,6 +102,8 @@ def test_shapes_and_refusals():
         model(torch.rand(5, 784))
     with pytest.raises(ValueError, match="unknown setting"):
         dann.DANNConfig(setting="target-aware")
+    with pytest.raises(ValueError, match="unknown shift"):
+        dann.DANNConfig(shift="rotate")
 
 
 def test_a_nan_stops_before_any_update():
@@ -112,9 +124,15 @@ def test_a_nan_stops_before_any_update():
 
 def test_every_setting_trains_at_the_smoke_budget(monkeypatch):
     monkeypatch.setenv("AGM_SMOKE", "1")
-    table = dann.seed_table(seeds=(0, 1), log=lambda _: None)
-    assert set(table["runs"]) == {f"{s}/seed{k}" for s in dann.SETTINGS for k in (0, 1)}
+    table = dann.seed_table("noise", seeds=(0, 1), log=lambda _: None)
+    assert table["shift"] == "noise" and set(table["runs"]) == {f"{s}/seed{k}" for s in dann.SETTINGS for k in (0, 1)}
     for setting in dann.SETTINGS:
         cell = table["summary"][f"{setting}/target_accuracy"]
         assert len(cell["values"]) == 2 and 0 <= cell["mean"] <= 1 and cell["sd"] >= 0
     assert all(run["n_test"] == 500 for run in table["runs"].values())
+
+
+def test_the_inversion_table_trains_the_settings_asked(monkeypatch):
+    monkeypatch.setenv("AGM_SMOKE", "1")
+    table = dann.seed_table("invert", settings=("dann",), seeds=(0,), log=lambda _: None)
+    assert table["shift"] == "invert" and set(table["runs"]) == {"dann/seed0"}
