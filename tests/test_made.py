@@ -10,9 +10,10 @@ from agm.autoregressive import made
 from agm.autoregressive.made import MADE, MADEConfig, draw_degrees, masks_from_degrees
 
 
-def small(dim=5, hidden=(16, 16), masks=3, order_agnostic=True, seed=0):
+def small(dim=5, hidden=(16, 16), masks=3, order_agnostic=True, seed=0, direct=True):
     torch.manual_seed(seed)
-    model = MADE(MADEConfig(hidden=hidden, masks=masks, order_agnostic=order_agnostic, degrees_seed=seed), dim=dim)
+    model = MADE(MADEConfig(hidden=hidden, masks=masks, order_agnostic=order_agnostic, degrees_seed=seed,
+                            direct=direct), dim=dim)
     with torch.no_grad():  # larger weights than the default init: conditionals far from 1/2
         for p in model.parameters():
             p.mul_(3)
@@ -23,9 +24,9 @@ def all_binary(dim):
     return torch.tensor(list(itertools.product([0.0, 1.0], repeat=dim)))
 
 
-@pytest.mark.parametrize("order_agnostic", [False, True])
-def test_each_logit_depends_only_on_the_pixels_before_it(order_agnostic):
-    model = small(dim=7, order_agnostic=order_agnostic)
+@pytest.mark.parametrize("order_agnostic,direct", [(False, True), (True, True), (True, False)])
+def test_each_logit_depends_only_on_the_pixels_before_it(order_agnostic, direct):
+    model = small(dim=7, order_agnostic=order_agnostic, direct=direct)
     x = torch.rand(1, 7)
     for mask in range(model.config.masks):
         jacobian = torch.autograd.functional.jacobian(lambda v, m=mask: model(v, m)[0], x)[:, 0, :]  # (out d, in j)
@@ -45,8 +46,9 @@ def test_hidden_degrees_and_masks_follow_germain_et_al():
     assert torch.equal(out, (degrees[0][:, None] > degrees[2][None, :]).float())
 
 
-def test_density_sums_to_one_over_all_binary_images_for_every_mask_and_the_ensemble():
-    model = small(dim=6)
+@pytest.mark.parametrize("direct", [True, False])
+def test_density_sums_to_one_over_all_binary_images_for_every_mask_and_the_ensemble(direct):
+    model = small(dim=6, direct=direct)
     x = all_binary(6)
     with torch.no_grad():
         for mask in range(model.config.masks):

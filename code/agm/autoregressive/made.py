@@ -46,6 +46,7 @@ class MADEConfig:
     hidden: tuple[int, ...] = (500,)  # widths of the masked hidden layers (Germain et al.: one layer of 500)
     masks: int = 32  # sets of hidden degrees cycled over minibatches, and averaged at test time
     order_agnostic: bool = False  # also draw a new pixel ordering with each set (False: raster order)
+    direct: bool = True  # also connect input j to output d directly when j comes before d (Germain et al.)
     degrees_seed: int = 0  # the sets of degrees are drawn from this seed
     train: TrainConfig = field(default_factory=made_training)
 
@@ -80,6 +81,7 @@ class MADE(nn.Module):
         self.config, self.dim = config, dim
         sizes = [dim, *config.hidden, dim]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        self.direct = nn.Linear(dim, dim, bias=False) if config.direct else None
         generator = torch.Generator().manual_seed(config.degrees_seed)
         sets = [draw_degrees(config.hidden, dim, config.order_agnostic, generator) for _ in range(config.masks)]
         for layer in range(len(sizes) - 1):  # degrees[i][layer]: (masks, width of that layer)
@@ -99,11 +101,15 @@ class MADE(nn.Module):
         h = x.reshape(len(x), -1)
         if h.shape[1] != self.dim:
             raise ValueError(f"expected {self.dim} pixels per image, got input of shape {list(x.shape)}")
-        masks = masks_from_degrees(self.degrees(mask))
-        for i, (layer, m) in enumerate(zip(self.layers, masks, strict=True)):
+        degrees = self.degrees(mask)
+        x_flat = h
+        for i, (layer, m) in enumerate(zip(self.layers, masks_from_degrees(degrees), strict=True)):
             h = F.linear(h, layer.weight * m, layer.bias)
             if i < len(self.layers) - 1:
                 h = F.relu(h)
+        if self.direct is not None:  # a logistic regression on the earlier pixels, as in a fully visible SBN
+            # $M_{dj} = 1[m(d) > m(j)]$
+            h = h + F.linear(x_flat, self.direct.weight * (degrees[0][:, None] > degrees[0][None, :]))
         return h
 
     def log_prob(self, x: torch.Tensor, mask: int = 0) -> torch.Tensor:
