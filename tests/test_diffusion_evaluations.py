@@ -29,11 +29,20 @@ def test_plan_runs_the_cheap_cells_first_and_each_once():
     assert steps == sorted(steps) and steps[-1] == 1000
 
 
-@pytest.fixture
-def smoke_ddpm(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def trained_smoke_ddpm(tmp_path_factory):
+    """One smoke-trained ddpm for the module (training it is most of these tests' time)."""
+    d = tmp_path_factory.mktemp("ddpm")
     for suffix in (".pt", ".json"):
-        shutil.copy(checkpoint_dir() / f"classifier{suffix}", tmp_path / f"classifier{suffix}")
-    assert main(["train", "ddpm", "--smoke", "--out-dir", str(tmp_path)]) == 0
+        shutil.copy(checkpoint_dir() / f"classifier{suffix}", d / f"classifier{suffix}")
+    assert main(["train", "ddpm", "--smoke", "--out-dir", str(d)]) == 0
+    return d
+
+
+@pytest.fixture
+def smoke_ddpm(trained_smoke_ddpm, tmp_path, monkeypatch):
+    """A fresh copy per test: the tests write cells into the manifest."""
+    shutil.copytree(trained_smoke_ddpm, tmp_path, dirs_exist_ok=True)
     monkeypatch.setenv("AGM_CHECKPOINTS", str(tmp_path))
     return tmp_path
 
