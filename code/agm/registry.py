@@ -27,6 +27,7 @@ MODEL_MODULES = [
     "agm.gan.wgan",
     "agm.gan.bigan",
     "agm.gan.inversion",
+    "agm.gan.dann",
     "agm.vae.vae",
     "agm.vae.beta_vae",
     "agm.vae.vqvae",

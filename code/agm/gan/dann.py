@@ -33,7 +33,7 @@ from torch import nn
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import batches, mnist
 from agm.gan.training import check_image_shape
-from agm.registry import ModelSpec, TrainResult
+from agm.registry import ModelSpec, TrainResult, register
 from agm.runtime import budget, device
 from agm.train import gradient_step, run_steps
 
@@ -249,9 +249,13 @@ SUMMARIES = {"dann": "domain-adversarial network: MNIST -> MNIST under heavy pix
 
 
 def spec(name: str) -> ModelSpec:
-    """The entry of ``dann`` or ``dann-source-only`` for :mod:`agm.registry`; registered once its checkpoint ships."""
+    """The entry of ``dann`` or ``dann-source-only`` for :mod:`agm.registry`."""
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     return ModelSpec(name=name, chapter=13, summary=SUMMARIES[name], build=build, train=trainer(MODELS[name]),
                      evaluate=evaluate, evaluate_full=evaluate_full if name == "dann" else None,
                      train_minutes=11.0 if name == "dann" else 4.0)
+
+
+for _name in MODELS:
+    register(spec(_name))
