@@ -74,6 +74,11 @@ def test_the_domain_loss_reaches_the_features_reversed_and_the_domain_head_uncha
         assert torch.allclose(a, -lam * b, atol=1e-7)
     for a, b in zip(d_rev, d_plain, strict=True):
         assert torch.allclose(a, b)
+    # dann.domain_gradients (the chapter's check) gives the same vectors, flattened
+    for reverse, (f, d) in ((True, (f_rev, d_rev)), (False, (f_plain, d_plain))):
+        got_f, got_d = dann.domain_gradients(model, x, domains, lam, reverse)
+        assert torch.allclose(got_f, torch.cat([g.flatten() for g in f])) and torch.equal(got_d, torch.cat(
+            [g.flatten() for g in d]))
 
 
 # -- properties and refusals ----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ def short_chain(spec) -> list[str]:
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_train_sample_evaluate(name, tmp_path, monkeypatch, capsys):
     spec = SPECS[name]
+    monkeypatch.setenv("AGM_SMOKE", "1")  # sample and evaluate at smoke budgets too, not only train
     for parent in {"classifier", *spec.requires} - {name}:  # the metrics' classifier and declared parents
         for suffix in (".pt", ".json"):
             shutil.copy(checkpoint_dir() / f"{parent}{suffix}", tmp_path / f"{parent}{suffix}")

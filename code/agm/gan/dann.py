@@ -126,6 +126,18 @@ class DANN(nn.Module):
         return self.domain(reverse_gradient(self.features(check_image_shape(x)), lam)).squeeze(1)
 
 
+def domain_gradients(model: DANN, x: torch.Tensor, domains: torch.Tensor, lam: float,
+                     through_reversal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the domain classifier's cross-entropy on (x, domains) for the feature extractor and for the
+    domain head, flattened: through the reversal layer, or around it (the plain gradient) for comparison."""
+    model.zero_grad()
+    features = model.features(check_image_shape(x))
+    logits = model.domain(reverse_gradient(features, lam) if through_reversal else features).squeeze(1)
+    F.binary_cross_entropy_with_logits(logits, domains).backward()
+    return (torch.cat([p.grad.flatten() for p in model.features.parameters()]),
+            torch.cat([p.grad.flatten() for p in model.domain.parameters()]))
+
+
 def schedules(config: DANNConfig, p: float) -> tuple[float, float]:
     """The learning rate mu_p and the reversal weight lambda_p at training progress p in [0, 1]."""
     # $\mu_p = \mu_0 / (1 + \alpha p)^\beta$, $\lambda_p = 2 / (1 + e^{-\gamma p}) - 1$
@@ -154,9 +166,10 @@ def accuracy(model: DANN, x: torch.Tensor, y: torch.Tensor, batch_size: int = 10
     return hits / len(x)
 
 
-def fit(config: DANNConfig, log_every: int = 500, log=print) -> tuple[DANN, dict]:
+def fit(config: DANNConfig, log_every: int = 50, log=print, print_every: int = 500) -> tuple[DANN, dict]:
     """Train one setting from a seeded initialization on the 60 000 training images: source batches of MNIST
-    with labels, target batches of inverted MNIST drawn from an independent order (labels unused by ``dann``)."""
+    with labels, target batches of their target-domain copies (:func:`to_target`) drawn in an independent order
+    (labels unused by ``dann``). The history keeps the logs every ``log_every`` steps."""
     torch.manual_seed(config.train.seed)
     train = config.train
     rng = torch.Generator().manual_seed(train.seed)
@@ -183,7 +196,7 @@ def fit(config: DANNConfig, log_every: int = 500, log=print) -> tuple[DANN, dict
                 **logs}
 
     def after_step(step: int, logs: dict) -> None:
-        if step % log_every == 0 or step == train.steps:
+        if step % print_every == 0 or step == train.steps:
             log(f"{config.setting} step {step}: loss {logs['loss']:.4f}")
 
     history = run_steps(step_fn, train.steps, log_every, desc=config.setting, on_step=after_step, modules=[model])
@@ -208,8 +221,11 @@ def seed_table(shift: str = "noise", settings=SETTINGS, steps: int | None = None
         for seed in seeds:
             config = DANNConfig(setting=setting, shift=shift)
             config.train = dataclasses.replace(config.train.budgeted(seed), steps=steps or budget(DANN_STEPS, 20))
-            model, _ = fit(config, log=log)
+            model, logs = fit(config, log=log)
             runs[f"{setting}/seed{seed}"] = evaluate(model)
+            if setting == "dann":  # how well the domain classifier separates the domains at the end of training
+                late = [h["domain_accuracy"] for h in logs["history"][-max(1, len(logs["history"]) // 10):]]
+                runs[f"{setting}/seed{seed}"]["final_domain_accuracy"] = statistics.fmean(late)
             log(f"{shift} {setting} seed {seed}: {runs[f'{setting}/seed{seed}']}")
     summary = {}
     for setting in settings:
