@@ -18,7 +18,7 @@ from agm.autoregressive import ar_transformer
 from agm.autoregressive.ar_transformer import NUM_CLASSES, ar_training, detokenize, tokenize
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import check_images
-from agm.registry import ModelSpec, TrainResult, register
+from agm.registry import ModelSpec, TrainResult
 from agm.ssm.layers import S4D, SelectiveSSM
 
 KINDS = ("s4d", "selective")
@@ -158,9 +158,9 @@ def add_sample_options(parser) -> None:
 
 SUMMARIES = {"ssm": ("s4d", "diagonal state-space model (S4D) over 2x2-pixel tokens"),
              "ssm-selective": ("selective", "selective-scan SSM (Mamba-style) over 2x2-pixel tokens")}
-for _name, (_kind, _summary) in SUMMARIES.items():
-    register(ModelSpec(
-        name=_name, chapter=56, summary=_summary, build=build, train=trainer(_kind), sample=sample,
-        evaluate=ar_transformer.evaluate, conditional=True, train_minutes=60.0, add_sample_options=add_sample_options,
-        metric_sample_options=lambda: {"unconditional": True}, samples="binary images",
-    ))
+# registered (agm.registry.MODEL_MODULES and register) once their checkpoints ship
+SPECS = {_name: ModelSpec(
+    name=_name, chapter=56, summary=_summary, build=build, train=trainer(_kind), sample=sample,
+    evaluate=ar_transformer.evaluate, conditional=True, train_minutes=60.0, add_sample_options=add_sample_options,
+    metric_sample_options=lambda: {"unconditional": True}, samples="binary images",
+) for _name, (_kind, _summary) in SUMMARIES.items()}
