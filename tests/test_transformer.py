@@ -4,7 +4,15 @@ the parameter count of a block."""
 import pytest
 import torch
 
-from agm.nn.transformer import Block, Transformer, TransformerConfig, parameter_count
+from agm.nn.transformer import (
+    Block,
+    Transformer,
+    TransformerConfig,
+    counting_attention_pairs,
+    generation_cost,
+    parameter_count,
+    parameter_formula,
+)
 
 
 def small(**fields) -> Transformer:
@@ -46,3 +54,25 @@ def test_only_the_cached_path_feeds_one_token_at_a_time():
 def test_a_block_has_4_plus_2r_width_squared_plus_r_plus_9_width_parameters(width, ratio):
     block = Block(TransformerConfig(width=width, heads=4, mlp_ratio=ratio))
     assert parameter_count(block) == (4 + 2 * ratio) * width**2 + (ratio + 9) * width
+
+
+@pytest.mark.parametrize("changes", [{}, {"width": 32, "layers": 2}, {"width": 64, "mlp_ratio": 2},
+                                     {"vocab_size": 17, "output_size": 16, "block_size": 64}])
+def test_parameter_formula_counts_every_parameter(changes):
+    config = TransformerConfig(**changes)
+    assert parameter_formula(config) == parameter_count(Transformer(config))
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_cost_matches_pytorchs_flop_counter_and_the_pairs_each_layer_scores(use_cache):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=9, output_size=8, block_size=16, width=16, heads=2, layers=2))
+    with counting_attention_pairs(model) as pairs, FlopCounterMode(display=False) as counter:
+        model.generate(torch.full((3, 1), 8), 7, torch.Generator().manual_seed(0), use_cache=use_cache)
+    assert (counter.get_total_flops() // 3, sum(pairs)) == generation_cost(model.config, 7, use_cache)
+    with counting_attention_pairs(model) as after:  # leaving the block removes its hooks
+        pass
+    model(torch.zeros(1, 3, dtype=torch.long))
+    assert after == [] and all(not block.attn._forward_hooks for block in model.blocks)

@@ -8,6 +8,8 @@ residual connections on or off, and the positional embedding (learned, sinusoida
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -185,3 +187,41 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def parameter_formula(c: TransformerConfig) -> int:
+    """The parameters of :class:`Transformer` with learned positions, in closed form (Chapter 44)."""
+    r, C, K = c.mlp_ratio, c.width, c.output_size or c.vocab_size
+    # per block $(4 + 2r)C^2 + (r + 9)C$; embeddings $VC + T_{\max}C$, final norm $2C$, head $CK + K$
+    block = (4 + 2 * r) * C**2 + (r + 9) * C
+    return c.vocab_size * C + c.block_size * C + c.layers * block + 2 * C + C * K + K
+
+
+def generation_cost(c: TransformerConfig, new_tokens: int, use_cache: bool) -> tuple[int, int]:
+    """Weight FLOPs and query-key pairs (per head, summed over layers) of :meth:`Transformer.generate` drawing
+    ``new_tokens`` after one start token, per sequence: with the cache each step feeds one position, without it
+    step t feeds all t."""
+    N, K = new_tokens, c.output_size or c.vocab_size
+    per_position = 2 * ((4 + 2 * c.mlp_ratio) * c.layers * c.width**2 + c.width * K)  # multiply and add
+    # cached: $N$ positions, pairs $L\sum_t t$; uncached: $\sum_t t$ positions, pairs $L\sum_t t(t+1)/2$
+    if use_cache:
+        return per_position * N, c.layers * N * (N + 1) // 2
+    return per_position * N * (N + 1) // 2, c.layers * N * (N + 1) * (N + 2) // 6
+
+
+@contextmanager
+def counting_attention_pairs(model: Transformer) -> Iterator[list[int]]:
+    """Inside the block, every call of an attention layer appends the query-key pairs it scores (per head,
+    per sequence): n new positions against m cached ones score n m + n (n + 1) / 2 pairs."""
+    pairs: list[int] = []
+
+    def hook(module, args, output):  # args = (h, cache, layer, offset, ...)
+        n, m = args[0].shape[1], args[3]
+        pairs.append(n * m + n * (n + 1) // 2)
+
+    handles = [block.attn.register_forward_hook(hook) for block in model.blocks]
+    try:
+        yield pairs
+    finally:
+        for handle in handles:
+            handle.remove()
