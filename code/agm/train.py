@@ -202,14 +202,15 @@ def fit_examples(model: nn.Module, loss_fn: Callable[[nn.Module, Any, torch.Gene
 
     Adam with the run's learning-rate schedule and gradient clipping, shuffled batches drawn by a
     generator seeded with ``train.seed`` (which ``loss_fn(model, batch, generator)`` also draws from),
-    ``train.steps`` updates. Returns the logged history.
+    ``train.total_steps(len(x))`` updates (``steps``, or ``epochs`` passes). Returns the logged history.
     """
     from agm.data import batches
 
     generator = torch.Generator().manual_seed(train.seed)
     dev = next(model.parameters()).device
     optimizer = train.adam(model.parameters())
+    steps = train.total_steps(len(x))
     data = batches(x, y, batch_size=train.batch_size, generator=generator, transform=transform, device=dev,
                    drop_last=True)
-    return train_loop(model, lambda m, b: loss_fn(m, b, generator), data, optimizer, train.steps, desc=desc,
-                      grad_clip=train.grad_clip, scheduler=train.scheduler(optimizer), log_every=log_every)
+    return train_loop(model, lambda m, b: loss_fn(m, b, generator), data, optimizer, steps, desc=desc,
+                      grad_clip=train.grad_clip, scheduler=train.scheduler(optimizer, steps), log_every=log_every)

@@ -165,24 +165,16 @@ def fit(config, log=print, log_every: int = 500, model_class: type[nn.Module] | 
         ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Adam on the 60 000 training images with their labels, re-binarized at every use; the model is
     ``model_class(config)`` (default :class:`ARTransformer`)."""
-    from agm.data import batches, binarize, mnist
+    from agm.data import binarize, mnist
     from agm.runtime import device
-    from agm.train import train_loop
+    from agm.train import fit_examples
 
-    train = config.train
-    generator = torch.Generator().manual_seed(train.seed)
-    torch.manual_seed(train.seed)
+    torch.manual_seed(config.train.seed)
     x, y = mnist("trainval")
-    dev = device()
-    model = (model_class or ARTransformer)(config).to(dev)
-    optimizer = train.adam(model.parameters())
+    model = (model_class or ARTransformer)(config).to(device())
     name = type(model).__name__
-    history = train_loop(model, lambda m, batch: loss(m, batch, generator),
-                         batches(x, y, batch_size=train.batch_size, generator=generator, transform=binarize,
-                                 device=dev),
-                         optimizer, train.steps, log_every=log_every, desc=name,
-                         scheduler=train.scheduler(optimizer, train.steps), grad_clip=train.grad_clip)
-    log(f"{name}: {train.steps} steps, final loss {history[-1]['loss']:.2f}")
+    history = fit_examples(model, loss, config.train, x, y, transform=binarize, desc=name, log_every=log_every)
+    log(f"{name}: {history[-1]['step']} steps, final loss {history[-1]['loss']:.2f}")
     return model.cpu().eval(), history
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import check_images
 from agm.registry import ModelSpec, TrainResult, refuse_labels
-from agm.train import train_loop
+from agm.train import fit_examples
 
 D = 28 * 28
 
@@ -161,23 +161,16 @@ def loss(model: MADE, x: torch.Tensor, step: int) -> torch.Tensor:
 
 def fit(config: MADEConfig, log=print, log_every: int = 1000) -> tuple[MADE, list[dict[str, float]]]:
     """Adam on the 60 000 training images, re-binarized at every use (dynamic binarization)."""
-    from agm.data import batches, binarize, mnist
+    from agm.data import binarize, mnist
     from agm.runtime import device
 
-    train = config.train
-    generator = torch.Generator().manual_seed(train.seed)
-    torch.manual_seed(train.seed)
+    torch.manual_seed(config.train.seed)
     x, _ = mnist("trainval")
-    dev = device()
-    model = MADE(config).to(dev)
-    optimizer = train.adam(model.parameters())
-    steps = train.total_steps(len(x))
+    model = MADE(config).to(device())
     masks = itertools.count()  # minibatch i trains mask i mod K
-    history = train_loop(model, lambda m, batch: loss(m, batch, next(masks)),
-                         batches(x, batch_size=train.batch_size, generator=generator, transform=binarize, device=dev),
-                         optimizer, steps, log_every=log_every, desc=f"made K={config.masks}",
-                         scheduler=train.scheduler(optimizer, steps))
-    log(f"made: {steps} steps, final loss {history[-1]['loss']:.2f}")
+    history = fit_examples(model, lambda m, batch, generator: loss(m, batch, next(masks)), config.train, x,
+                           transform=binarize, desc=f"made K={config.masks}", log_every=log_every)
+    log(f"made: {history[-1]['step']} steps, final loss {history[-1]['loss']:.2f}")
     return model.cpu().eval(), history
 
 
