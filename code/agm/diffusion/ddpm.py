@@ -220,6 +220,9 @@ def sample_chain(model: DDPM, n: int, generator: torch.Generator | None = None, 
     return to_images(x).cpu(), trajectory
 
 
+SMOKE_SAMPLE_STEPS = 5  # the default chain of a smoke run (a 1000-step chain takes minutes even for 3 images)
+
+
 def sample(model: DDPM, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
            **options) -> torch.Tensor:
     """``spec.sample``: n images in [0, 1] from the chosen sampler (:func:`sample_model_space`'s options)."""
@@ -234,7 +237,8 @@ def sample_model_space(model: DDPM, n: int, generator: torch.Generator | None = 
                        batch_size: int = 500) -> torch.Tensor:
     """n draws x_0 of the model's sample shape from the chosen sampler, in batches of ``batch_size``, on the CPU.
 
-    ``clip_denoised`` None keeps the sampler's own default, the reference implementation's: on for the
+    ``steps`` None is the whole chain, T (under ``AGM_SMOKE``, :data:`SMOKE_SAMPLE_STEPS`). ``clip_denoised`` None
+    keeps the sampler's own default, the reference implementation's: on for the
     ancestral and DDIM samplers (Ho et al., diffusers), off for DPM-Solver++. ``guidance`` w (a
     class-conditional model only) samples with the classifier-free guided prediction
     (:class:`agm.diffusion.guidance.ClassifierFreeGuidance`); a noisy-image ``classifier`` steers an
@@ -254,7 +258,7 @@ def sample_model_space(model: DDPM, n: int, generator: torch.Generator | None = 
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
-    steps = model.schedule.num_timesteps if steps is None else steps
+    steps = budget(model.schedule.num_timesteps, SMOKE_SAMPLE_STEPS) if steps is None else steps
     model.schedule.timesteps(steps)  # validates steps
     options = {"ancestral": {"variance": variance}, "ddim": {"eta": eta}, "pf-ode": {"solver": solver},
                "langevin": {"langevin_steps": langevin_steps, "step_size": step_size}}.get(sampler, {})
@@ -376,7 +380,8 @@ def add_sample_options(parser: argparse.ArgumentParser, clips: str = "ancestral 
                         help="ancestral (Ho et al., Algorithm 2), ddim (Song et al., eq. 12), dpmsolver++ "
                              "(Lu et al., 2022, second-order multistep), pf-ode (the probability-flow ODE) or "
                              "langevin (annealed Langevin dynamics with the score -eps/sigma)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps, 1..T (default: T = 1000)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps, 1..T (default: T = 1000; under AGM_SMOKE, 5)")
     parser.add_argument("--variance", choices=VARIANCES, default="beta_tilde",
                         help="ancestral: variance of p(x_{t-1}|x_t), the posterior's beta~_t or beta_t")
     parser.add_argument("--eta", type=float, default=0.0, help="ddim: 0 = deterministic, 1 = ancestral-like noise")
