@@ -138,3 +138,17 @@ def test_sample_option_unconditional_drops_the_labels():
     a = ar_transformer.sample(model, 2, torch.Generator().manual_seed(1), torch.tensor([3, 3]), unconditional=True)
     b = model.sample(2, torch.Generator().manual_seed(1), None)
     assert torch.equal(a, b)
+
+
+def test_sampling_in_chunks_passes_each_chunk_its_own_labels(monkeypatch):
+    model = ARTransformer(ARConfig(width=16, layers=1, heads=2))
+    seen = []
+
+    def fake_sample_tokens(n, labels, generator, **options):
+        seen.append(labels.tolist())
+        return torch.zeros(n, model.length, dtype=torch.long)
+
+    monkeypatch.setattr(model, "sample_tokens", fake_sample_tokens)
+    images = model.sample(5, None, torch.arange(5), chunk=2)
+    assert images.shape == (5, 1, 28, 28)
+    assert seen == [[0, 1], [2, 3], [4]]

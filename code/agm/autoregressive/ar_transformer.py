@@ -30,7 +30,7 @@ from agm.registry import ModelSpec, TrainResult
 NUM_CLASSES = 10
 
 
-def ar_training(steps: int = 30_000, **changes) -> TrainConfig:
+def ar_training(steps: int = 10_000, **changes) -> TrainConfig:
     """AdamW-style settings of nanoGPT scaled down: Adam at 1e-3, warm-up, cosine decay to 1e-4, batches of 32."""
     return TrainConfig(**{"steps": steps, "batch_size": 32, "lr": 1e-3, "lr_final": 1e-4, "warmup_steps": 500,
                           "grad_clip": 1.0} | changes)
@@ -143,9 +143,12 @@ class ARTransformer(nn.Module):
         return out[:, 1:]
 
     def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
-               **options) -> torch.Tensor:
-        """n binary images (n, 1, 28, 28) from :meth:`sample_tokens`."""
-        return detokenize(self.sample_tokens(n, labels, generator, **options), self.config.patch).cpu()
+               chunk: int = 500, **options) -> torch.Tensor:
+        """n binary images (n, 1, 28, 28) from :meth:`sample_tokens`, ``chunk`` sequences at a time (the KV cache
+        of 10 000 sequences would take gigabytes)."""
+        pieces = [self.sample_tokens(min(chunk, n - i), None if labels is None else labels[i:i + chunk], generator,
+                                     **options) for i in range(0, n, chunk)]
+        return detokenize(torch.cat(pieces), self.config.patch).cpu()
 
 
 def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
@@ -214,6 +217,14 @@ def evaluate(model: ARTransformer) -> dict[str, float]:
     return test_nll(model, n=budget(None, 100))
 
 
+def evaluate_full(model: ARTransformer) -> dict:
+    """``evaluate ar-transformer --full``: the ablations of Chapters 46–47, each cell stored as it finishes
+    (:mod:`agm.autoregressive.ablations`); the shipped weights are not used."""
+    from agm.autoregressive import ablations
+
+    return {ablations.KEY: ablations.fill()}
+
+
 def sample(model: ARTransformer, n: int, generator: torch.Generator, labels: torch.Tensor | None = None,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            unconditional: bool = False) -> torch.Tensor:
@@ -233,7 +244,8 @@ def add_sample_options(parser) -> None:
 # registered (agm.registry.MODEL_MODULES and register(SPEC)) once its checkpoint ships
 SPEC = ModelSpec(
     name="ar-transformer", chapter=45, summary="decoder-only transformer over 2x2-pixel tokens, label or null context",
-    build=build, train=train, sample=sample, evaluate=evaluate, conditional=True, train_minutes=120.0,
+    build=build, train=train, sample=sample, evaluate=evaluate, evaluate_full=evaluate_full, conditional=True,
+    train_minutes=120.0,
     add_sample_options=add_sample_options, metric_sample_options=lambda: {"unconditional": True},
     samples="binary images",
 )

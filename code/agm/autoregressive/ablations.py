@@ -1,0 +1,86 @@
+"""The token transformer's ablations at one small budget: Chapter 46 (normalization and residual
+connections) and Chapter 47 (positional embeddings).
+
+Every variant is the same small model, data, seed and optimizer as the baseline (pre-LN, residual
+connections, learned positions) with one setting changed. Each run stores its exact test NLL, its
+training curve and its wall time in the manifest of ``ar-transformer`` (``evaluate ar-transformer
+--full``), one cell at a time, so an interrupted evaluation resumes where it stopped. The pages read
+the cells; no weights are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+from agm import checkpoint
+from agm.autoregressive.ar_transformer import ARConfig, ar_training, fit, test_nll
+from agm.runtime import budget
+
+KEY = "ablations"
+MODEL = {"width": 64, "layers": 6, "heads": 4}  # deeper than wide: normalization matters more with depth
+STEPS = 1500  # about seven minutes on one CPU thread
+TEST_IMAGES = 2000  # the first 2 000 binarized test images
+SEEDS = (0, 1, 2)
+VARIANTS: dict[str, dict] = {
+    "pre-LN": {},  # the baseline: x + f(LN(x)), learned positions
+    "post-LN": {"norm": "post"},  # LN(x + f(x)), Vaswani et al. (2017)
+    "no residual": {"residual": False},  # pre-LN blocks without their skip connections
+    "sinusoidal": {"positions": "sinusoidal"},
+    "2-D": {"positions": "2d"},  # a row and a column embedding, added
+    "rotary": {"positions": "rotary"},
+    "none": {"positions": "none"},  # the causal mask alone tells a token where it is
+}
+CHAPTER_VARIANTS = {46: ("pre-LN", "post-LN", "no residual"),
+                    47: ("pre-LN", "sinusoidal", "2-D", "rotary", "none")}
+
+
+def variant_config(name: str, seed: int = 0, steps: int | None = None) -> ARConfig:
+    """The baseline's configuration with variant ``name``'s change, trained for ``steps`` (default: STEPS,
+    under the runtime's budget) with warm-up over the first tenth."""
+    if name not in VARIANTS:
+        raise KeyError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    steps = steps or budget(STEPS, 20)
+    train = dataclasses.replace(ar_training(steps, warmup_steps=steps // 10).budgeted(seed), steps=steps)
+    return ARConfig(**MODEL, **VARIANTS[name], train=train)
+
+
+def run(name: str, seed: int = 0, steps: int | None = None, n_test: int | None = None, log=print) -> dict:
+    """Train variant ``name`` and measure it: test NLL, the training curve (every 50 steps), seconds."""
+    config = variant_config(name, seed, steps)
+    start = time.perf_counter()
+    model, history = fit(config, log=log, log_every=50)
+    seconds = time.perf_counter() - start
+    report = test_nll(model, n=n_test or budget(TEST_IMAGES, 100))
+    return {"test_nll_nats": report["test_nll_nats"], "test_nll_n": report["test_nll_n"], "seconds": seconds,
+            "steps": config.train.steps, "parameters": sum(p.numel() for p in model.parameters()),
+            "curve": {"step": [h["step"] for h in history], "loss": [h["loss"] for h in history]}}
+
+
+def fill(name: str = "ar-transformer", variants=tuple(VARIANTS), seeds=SEEDS, steps: int | None = None,
+         log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run every (variant, seed) cell the manifest of ``name`` lacks, storing each as it finishes."""
+    cells = dict(checkpoint.read_manifest(name).metrics.get(KEY, {}))
+    for seed in seeds:
+        for variant in variants:
+            cell = f"{variant}/seed{seed}"
+            if cell in cells:
+                continue
+            log(f"{name}: ablation {cell} ...")
+            cells[cell] = run(variant, seed, steps, log=log)
+            checkpoint.update_metrics(name, {KEY: cells})
+            log(f"{name}: {cell}: test NLL {cells[cell]['test_nll_nats']:.2f} nats in {cells[cell]['seconds']:.0f} s")
+    return cells
+
+
+def table(cells: dict[str, dict], variants=tuple(VARIANTS)) -> list[dict]:
+    """One row per variant: mean and standard deviation of the test NLL over the seeds stored."""
+    rows = []
+    for variant in variants:
+        values = [v["test_nll_nats"] for k, v in cells.items() if k.split("/")[0] == variant]
+        rows.append({"variant": variant, "seeds": len(values),
+                     "test_nll_nats": statistics.fmean(values) if values else None,
+                     "test_nll_sd": statistics.stdev(values) if len(values) > 1 else None})
+    return rows
