@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from agm import checkpoint
 from agm.gan import dann
 from agm.train import NonFiniteLossError, gradient_step
 
@@ -141,3 +142,26 @@ def test_the_inversion_table_trains_the_settings_asked(monkeypatch):
     monkeypatch.setenv("AGM_SMOKE", "1")
     table = dann.seed_table("invert", settings=("dann",), seeds=(0,), log=lambda _: None)
     assert table["shift"] == "invert" and set(table["runs"]) == {"dann/seed0"}
+
+
+def test_the_full_evaluation_stores_each_run_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGM_CHECKPOINTS", str(tmp_path))
+    model = dann.DANN(dann.DANNConfig())
+    checkpoint.save("dann", {"state_dict": model.state_dict()}, checkpoint.new_manifest("dann", {}, 0, 0.0, {}))
+    calls = []
+
+    def fake_run(shift, setting, seed, steps=None, log=print):
+        calls.append((shift, setting, seed))
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # stopped during the fourth run
+        return {"source_accuracy": 0.9, "target_accuracy": 0.1 * seed, "n_test": 10}
+
+    monkeypatch.setattr(dann, "seed_run", fake_run)
+    with pytest.raises(KeyboardInterrupt):
+        dann.evaluate_full(model, log=lambda _: None)
+    assert len(checkpoint.read_manifest("dann").metrics["seed_runs"]) == 3
+    tables = dann.evaluate_full(model, log=lambda _: None)
+    assert len(calls) == 4 + 12 and calls[3] == calls[4]  # the interrupted run again, none of the stored ones
+    noise = tables["seed_table"]["summary"]["dann/target_accuracy"]
+    assert noise["values"] == [0.0, 0.1, 0.2] and noise["mean"] == pytest.approx(0.1)
+    assert set(tables["seed_table_invert"]["runs"]) == {f"{s}/seed{k}" for s in ("source-only", "dann") for k in (0, 1, 2)}

@@ -121,9 +121,10 @@ def _after_draw(seed: int) -> torch.Generator:
     return g
 
 
+@pytest.mark.parametrize("rederive", [False, True])
 @pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_step_matches_diffusers_ddim_scheduler(clip, eta):
+def test_ddim_step_matches_diffusers_ddim_scheduler(clip, eta, rederive):
     """diffusers steps from t to t - T // S; compare single steps with a fixed model output."""
     s = NoiseSchedule()
     ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=clip, set_alpha_to_one=True)
@@ -131,9 +132,21 @@ def test_ddim_step_matches_diffusers_ddim_scheduler(clip, eta):
     g = torch.Generator().manual_seed(0)
     xt, eps = torch.randn(2, 1, 28, 28, generator=g) * 2, torch.randn(2, 1, 28, 28, generator=g)
     for t in (900, 500, 100):
-        ours = ddim_step(s, eps, t, t - 100, xt, eta, clip, torch.Generator().manual_seed(3))
-        expected = ref.step(eps, t, xt, eta=eta, generator=torch.Generator().manual_seed(3)).prev_sample
+        ours = ddim_step(s, eps, t, t - 100, xt, eta, clip, torch.Generator().manual_seed(3), rederive)
+        expected = ref.step(eps, t, xt, eta=eta, generator=torch.Generator().manual_seed(3),
+                            use_clipped_model_output=rederive).prev_sample
         assert torch.allclose(ours, expected, atol=1e-4, rtol=1e-4), t
+
+
+def test_rederiving_eps_keeps_the_step_consistent_with_the_clipped_prediction():
+    """With eps re-derived, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps holds for the clipped x0, so a step to
+    t itself returns x_t; keeping the network's eps does not once clipping bites."""
+    s = NoiseSchedule()
+    g = torch.Generator().manual_seed(0)
+    xt, eps = torch.randn(2, 1, 28, 28, generator=g) * 2, torch.randn(2, 1, 28, 28, generator=g)
+    kept = ddim_step(s, eps, 100, 100, xt, 0.0, True)
+    rederived = ddim_step(s, eps, 100, 100, xt, 0.0, True, use_clipped_model_output=True)
+    assert torch.allclose(rederived, xt, atol=1e-5) and not torch.allclose(kept, xt, atol=1e-2)
 
 
 def test_deterministic_ddim_is_deterministic_and_eta_one_is_not():

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -152,6 +153,21 @@ def new_manifest(name: str, config: dict[str, Any], steps: int, wall_time_s: flo
     return Manifest(name=name, config=config, command=command or f"python -m agm train {name}",
                     steps=steps, wall_time_s=round(wall_time_s, 1), hardware=hardware(),
                     metrics=metrics, training=training or {}, requires=requires or {})
+
+
+def fill_cells(name: str, key: str, plan: dict[str, Callable[[], dict]], log: Callable[[str], None] = print,
+               directory: Path | None = None) -> dict[str, dict]:
+    """Measure each cell of ``plan`` that the manifest of ``name`` lacks under ``metrics[key]``, storing
+    each as soon as it is done, so that an expensive evaluation stopped at any point resumes where it
+    stopped. Returns every cell stored under ``key``."""
+    cells = dict(read_manifest(name, directory).metrics.get(key, {}))
+    for cell, measure in plan.items():
+        if cell in cells:
+            continue
+        log(f"{name}: {key} {cell} ...")
+        cells[cell] = measure()
+        update_metrics(name, {key: cells}, directory)
+    return cells
 
 
 def update_metrics(name: str, metrics: dict[str, Any], directory: Path | None = None) -> Manifest:

@@ -62,17 +62,15 @@ def run(name: str, seed: int = 0, steps: int | None = None, n_test: int | None =
 def fill(name: str = "ar-transformer", variants=tuple(VARIANTS), seeds=SEEDS, steps: int | None = None,
          log: Callable[[str], None] = print) -> dict[str, dict]:
     """Run every (variant, seed) cell the manifest of ``name`` lacks, storing each as it finishes."""
-    cells = dict(checkpoint.read_manifest(name).metrics.get(KEY, {}))
-    for seed in seeds:
-        for variant in variants:
-            cell = f"{variant}/seed{seed}"
-            if cell in cells:
-                continue
-            log(f"{name}: ablation {cell} ...")
-            cells[cell] = run(variant, seed, steps, log=log)
-            checkpoint.update_metrics(name, {KEY: cells})
-            log(f"{name}: {cell}: test NLL {cells[cell]['test_nll_nats']:.2f} nats in {cells[cell]['seconds']:.0f} s")
-    return cells
+    def measure(variant: str, seed: int) -> Callable[[], dict]:
+        def cell() -> dict:
+            result = run(variant, seed, steps, log=log)
+            log(f"{variant}/seed{seed}: test NLL {result['test_nll_nats']:.2f} nats in {result['seconds']:.0f} s")
+            return result
+        return cell
+
+    plan = {f"{variant}/seed{seed}": measure(variant, seed) for seed in seeds for variant in variants}
+    return checkpoint.fill_cells(name, KEY, plan, log)
 
 
 def table(cells: dict[str, dict], variants=tuple(VARIANTS)) -> list[dict]:

@@ -73,11 +73,13 @@ def ancestral_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tenso
 
 
 def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, s: int, x: torch.Tensor, eta: float = 0.0,
-              clip_denoised: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+              clip_denoised: bool = True, generator: torch.Generator | None = None,
+              use_clipped_model_output: bool = False) -> torch.Tensor:
     """One step x_t -> x_s of Song et al.'s (2021) generalized process (their eq. 12), s < t; s = -1 is the data.
 
-    As in diffusers' ``DDIMScheduler`` (``use_clipped_model_output=False``), a clipped x̂_0 enters the
-    update but the direction term keeps the network's ε.
+    As in diffusers' ``DDIMScheduler`` (default ``use_clipped_model_output=False``), a clipped x̂_0 enters
+    the update but the direction term keeps the network's ε. With ``use_clipped_model_output`` the ε of
+    the direction term is re-derived from the clipped x̂_0, so that x_t = √ᾱ_t x̂_0 + √(1−ᾱ_t) ε still holds.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
@@ -86,6 +88,9 @@ def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, s: int, x: tor
     x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     if clip_denoised:
         x0 = x0.clamp(-1, 1)
+        if use_clipped_model_output:
+            # $\epsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0) / \sqrt{1-\bar\alpha_t}$
+            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
     # 2. $\sigma = \eta \sqrt{(1-\bar\alpha_s)/(1-\bar\alpha_t)}\sqrt{1-\bar\alpha_t/\bar\alpha_s}$
     sigma = eta * ((1 - a_s) / (1 - a_t)).sqrt() * (1 - a_t / a_s).sqrt()
     # 3. $x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1-\bar\alpha_s-\sigma^2}\,\epsilon_\theta + \sigma z$
@@ -98,13 +103,15 @@ def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, t: int, s: int, x: tor
 @torch.no_grad()
 def ddim_sample(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | None = None,
                 eta: float = 0.0, clip_denoised: bool = True, generator: torch.Generator | None = None,
-                labels: torch.Tensor | None = None, callback: Callback | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, callback: Callback | None = None,
+                use_clipped_model_output: bool = False) -> torch.Tensor:
     """DDIM (Song et al., 2021): :func:`ddim_step` along the chain; η = 0 is deterministic."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
 
     def update(x: torch.Tensor, t: int, s: int) -> torch.Tensor:
-        return ddim_step(schedule, predict_eps(model, x, t, labels), t, s, x, eta, clip_denoised, generator)
+        return ddim_step(schedule, predict_eps(model, x, t, labels), t, s, x, eta, clip_denoised, generator,
+                         use_clipped_model_output)
 
     return walk(schedule, x_T, steps, update, callback)
 

@@ -22,6 +22,7 @@ head), ``dann`` (the same plus the domain head), ``target-only`` (labels from th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agm import checkpoint
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import batches, mnist
 from agm.gan.training import check_image_shape
@@ -212,21 +214,22 @@ def evaluate(model: DANN, n: int | None = None) -> dict[str, float]:
             "n_test": n}
 
 
-def seed_table(shift: str = "noise", settings=SETTINGS, steps: int | None = None, seeds=SEEDS,
-               log=print) -> dict[str, dict]:
-    """``settings`` on ``shift`` at every seed, trained for ``steps`` (default: the shipped run's, under the
-    budget), with the mean and standard deviation of each accuracy over the seeds."""
-    runs = {}
-    for setting in settings:
-        for seed in seeds:
-            config = DANNConfig(setting=setting, shift=shift)
-            config.train = dataclasses.replace(config.train.budgeted(seed), steps=steps or budget(DANN_STEPS, 20))
-            model, logs = fit(config, log=log)
-            runs[f"{setting}/seed{seed}"] = evaluate(model)
-            if setting == "dann":  # how well the domain classifier separates the domains at the end of training
-                late = [h["domain_accuracy"] for h in logs["history"][-max(1, len(logs["history"]) // 10):]]
-                runs[f"{setting}/seed{seed}"]["final_domain_accuracy"] = statistics.fmean(late)
-            log(f"{shift} {setting} seed {seed}: {runs[f'{setting}/seed{seed}']}")
+def seed_run(shift: str, setting: str, seed: int, steps: int | None = None, log=print) -> dict[str, float]:
+    """``setting`` on ``shift`` at ``seed``, trained for ``steps`` (default: the shipped run's, under the budget):
+    source and target accuracy, and for DANN how well the domain classifier separates the domains at the end."""
+    config = DANNConfig(setting=setting, shift=shift)
+    config.train = dataclasses.replace(config.train.budgeted(seed), steps=steps or budget(DANN_STEPS, 20))
+    model, logs = fit(config, log=log)
+    result = evaluate(model)
+    if setting == "dann":  # the mean over the last tenth of the logged history
+        late = [h["domain_accuracy"] for h in logs["history"][-max(1, len(logs["history"]) // 10):]]
+        result["final_domain_accuracy"] = statistics.fmean(late)
+    log(f"{shift} {setting} seed {seed}: {result}")
+    return result
+
+
+def summarize(shift: str, runs: dict[str, dict], settings=SETTINGS, seeds=SEEDS) -> dict[str, dict]:
+    """The table of ``runs`` (keyed ``setting/seed<k>``): mean and standard deviation of each accuracy over the seeds."""
     summary = {}
     for setting in settings:
         done = [runs[f"{setting}/seed{seed}"] for seed in seeds]
@@ -235,7 +238,15 @@ def seed_table(shift: str = "noise", settings=SETTINGS, steps: int | None = None
             summary[f"{setting}/{metric}"] = {"mean": statistics.fmean(values),
                                                "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
                                                "values": values}
-    return {"shift": shift, "runs": runs, "summary": summary}
+    return {"shift": shift, "runs": {k: runs[k] for k in (f"{a}/seed{b}" for a in settings for b in seeds)},
+            "summary": summary}
+
+
+def seed_table(shift: str = "noise", settings=SETTINGS, steps: int | None = None, seeds=SEEDS,
+               log=print) -> dict[str, dict]:
+    """``settings`` on ``shift`` at every seed (:func:`seed_run`), summarized."""
+    runs = {f"{setting}/seed{seed}": seed_run(shift, setting, seed, steps, log) for setting in settings for seed in seeds}
+    return summarize(shift, runs, settings, seeds)
 
 
 def build(config: dict) -> DANN:
@@ -252,11 +263,17 @@ def trainer(setting: str):
     return train
 
 
-def evaluate_full(model: DANN) -> dict:
+def evaluate_full(model: DANN, log=print) -> dict:
     """``evaluate dann --full``: source-only, DANN and target-only at seeds 0, 1, 2 on the noisy target, and
-    source-only and DANN on the inverted one (fifteen runs of a few minutes each)."""
-    return {"seed_table": seed_table("noise"),
-            "seed_table_invert": seed_table("invert", settings=("source-only", "dann"))}
+    source-only and DANN on the inverted one (fifteen runs of a few minutes each). Each run is stored in the
+    manifest under ``seed_runs`` as it finishes, so an interrupted evaluation resumes where it stopped."""
+    tables = {"noise": SETTINGS, "invert": ("source-only", "dann")}
+    plan = {f"{shift}/{setting}/seed{seed}": functools.partial(seed_run, shift, setting, seed, log=log)
+            for shift, settings in tables.items() for setting in settings for seed in SEEDS}
+    cells = checkpoint.fill_cells("dann", "seed_runs", plan, log)
+    runs = {shift: {k.split("/", 1)[1]: v for k, v in cells.items() if k.startswith(f"{shift}/")} for shift in tables}
+    return {"seed_table": summarize("noise", runs["noise"]),
+            "seed_table_invert": summarize("invert", runs["invert"], tables["invert"])}
 
 
 MODELS = {"dann": "dann", "dann-source-only": "source-only"}  # registered name -> setting
