@@ -164,4 +164,5 @@ def test_the_full_evaluation_stores_each_run_and_resumes(tmp_path, monkeypatch):
     assert len(calls) == 4 + 12 and calls[3] == calls[4]  # the interrupted run again, none of the stored ones
     noise = tables["seed_table"]["summary"]["dann/target_accuracy"]
     assert noise["values"] == [0.0, 0.1, 0.2] and noise["mean"] == pytest.approx(0.1)
-    assert set(tables["seed_table_invert"]["runs"]) == {f"{s}/seed{k}" for s in ("source-only", "dann") for k in (0, 1, 2)}
+    invert = {f"{s}/seed{k}" for s in ("source-only", "dann") for k in (0, 1, 2)}
+    assert set(tables["seed_table_invert"]["runs"]) == invert

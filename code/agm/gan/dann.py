@@ -229,7 +229,7 @@ def seed_run(shift: str, setting: str, seed: int, steps: int | None = None, log=
 
 
 def summarize(shift: str, runs: dict[str, dict], settings=SETTINGS, seeds=SEEDS) -> dict[str, dict]:
-    """The table of ``runs`` (keyed ``setting/seed<k>``): mean and standard deviation of each accuracy over the seeds."""
+    """The table of ``runs`` (keyed ``setting/seed<k>``): each accuracy's mean and standard deviation over seeds."""
     summary = {}
     for setting in settings:
         done = [runs[f"{setting}/seed{seed}"] for seed in seeds]
@@ -245,7 +245,8 @@ def summarize(shift: str, runs: dict[str, dict], settings=SETTINGS, seeds=SEEDS)
 def seed_table(shift: str = "noise", settings=SETTINGS, steps: int | None = None, seeds=SEEDS,
                log=print) -> dict[str, dict]:
     """``settings`` on ``shift`` at every seed (:func:`seed_run`), summarized."""
-    runs = {f"{setting}/seed{seed}": seed_run(shift, setting, seed, steps, log) for setting in settings for seed in seeds}
+    runs = {f"{setting}/seed{seed}": seed_run(shift, setting, seed, steps, log)
+            for setting in settings for seed in seeds}
     return summarize(shift, runs, settings, seeds)
 
 
