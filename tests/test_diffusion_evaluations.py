@@ -4,6 +4,7 @@ import shutil
 import statistics
 
 import pytest
+import torch
 
 from agm import checkpoint, registry
 from agm.cli import main
@@ -139,3 +140,48 @@ def test_seed_values_and_mean_sd_read_the_cells_behind_a_row():
     assert evaluations.mean_sd(row, "fid") == "13.00 ± 3.00"
     assert evaluations.mean_sd(row, "fid", ".1f", scale=0.1) == "1.3 ± 0.3"
     assert evaluations.mean_sd({"fid": 2.0, "fid_sd": None}, "fid") == "2.00"  # one seed: no spread to show
+
+
+def test_clipping_drift_is_zero_for_a_network_that_never_needs_clipping():
+    """An x0-prediction inside [-1, 1] everywhere makes the three DDIM variants one chain; the ODE reference is
+    then reached up to the solvers' own difference, the same for every variant."""
+    from agm.diffusion.ddpm import DDPM, DDPMConfig
+    from agm.diffusion.schedule import ScheduleConfig
+    from agm.nn.unet import UNetConfig
+
+    class Shrink(torch.nn.Module):  # eps that makes x0_hat = 0: (x - sqrt(1 - abar) eps) / sqrt(abar) = 0
+        def __init__(self, schedule):
+            super().__init__()
+            self.schedule = schedule
+
+        def forward(self, x, t, labels=None):
+            return x / (1 - self.schedule.alpha_bar(t[0])).sqrt()
+
+    model = DDPM(DDPMConfig(unet=UNetConfig(channels=8, multipliers=(1, 1, 1)),
+                            schedule=ScheduleConfig(num_timesteps=50))).eval()
+    model.net = Shrink(model.schedule)
+    x_T = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    rows = evaluations.clipping_drift(model, x_T, steps=(5, 10), reference_steps=10)
+    by = {(r["steps"], r["variant"]): r["rms"] for r in rows}
+    for S in (5, 10):
+        assert by[S, "eps kept"] == pytest.approx(by[S, "unclipped"], abs=1e-6)
+        assert by[S, "eps re-derived"] == pytest.approx(by[S, "unclipped"], abs=1e-6)
+    assert by[10, "unclipped"] < 1e-5  # x0_hat = 0 at every step: every solver returns 0
+
+
+def test_clipping_drift_separates_the_variants_when_clipping_bites():
+    """A network whose x0-prediction overshoots the data range: keeping eps and re-deriving it differ."""
+    from agm.diffusion.ddpm import DDPM, DDPMConfig
+    from agm.diffusion.schedule import ScheduleConfig
+    from agm.nn.unet import UNetConfig
+
+    class Overshoot(torch.nn.Module):  # x0_hat = (1 + 2 sqrt(1 - abar_t)) x_t / sqrt(abar_t): outside [-1, 1]
+        def forward(self, x, t, labels=None):
+            return -2 * x
+
+    model = DDPM(DDPMConfig(unet=UNetConfig(channels=8, multipliers=(1, 1, 1)),
+                            schedule=ScheduleConfig(num_timesteps=50))).eval()
+    model.net = Overshoot()
+    x_T = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    by = {(r["steps"], r["variant"]): r["rms"] for r in evaluations.clipping_drift(model, x_T, (10,), 10)}
+    assert abs(by[10, "eps kept"] - by[10, "eps re-derived"]) > 1e-3
