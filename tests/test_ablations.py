@@ -75,3 +75,29 @@ def test_table_gives_mean_and_spread_over_the_seeds_stored():
     assert rows["rotary"]["seeds"] == 1 and rows["rotary"]["test_nll_sd"] is None
     assert rows["none"]["seeds"] == 0 and rows["none"]["test_nll_nats"] is None
 
+
+
+def test_stored_is_empty_before_the_evaluation_and_holds_the_cells_after(manifest, monkeypatch):
+    assert ablations.stored() == {}
+    monkeypatch.setattr(ablations, "run", lambda variant, seed, steps=None, log=print: {"test_nll_nats": 90.0 + seed,
+                                                                                  "seconds": 1.0})
+    ablations.fill(variants=("rotary",), seeds=(0, 3), log=lambda _: None)
+    cells = ablations.stored()
+    assert set(cells) == {"rotary/seed0", "rotary/seed3"} and ablations.by_seed(cells, "rotary") == {0: 90.0, 3: 93.0}
+
+
+def test_paired_difference_compares_seed_with_seed_over_the_seeds_both_have():
+    nll = {"pre-LN": [90.0, 92.0, 95.0, 91.0], "post-LN": [91.0, 93.5, 95.5], "none": [96.0]}
+    cells = {f"{v}/seed{s}": {"test_nll_nats": x} for v, xs in nll.items() for s, x in enumerate(xs)}
+    d = ablations.paired_difference(cells, "post-LN")
+    # differences 1.0, 1.5, 0.5: mean 1, sd 0.5, se 0.5 / sqrt 3
+    assert d["seeds"] == 3 and d["difference"] == pytest.approx(1.0) and d["se"] == pytest.approx(0.5 / 3 ** 0.5)
+    assert d["resolved"] is True  # 1 > 2 * 0.289
+    unpaired_sd = ablations.table(cells, ("pre-LN",))[0]["test_nll_sd"]
+    assert unpaired_sd > 2  # the seeds differ far more than the paired differences do
+    one = ablations.paired_difference(cells, "none")
+    assert one["seeds"] == 1 and one["difference"] == 6.0 and one["se"] is None and one["resolved"] is None
+    assert ablations.paired_difference(cells, "rotary") == {"seeds": 0, "difference": None, "se": None,
+                                                            "resolved": None}
+    close = {**cells, "post-LN/seed2": {"test_nll_nats": 92.0}}  # differences 1.0, 1.5, -3.0
+    assert ablations.paired_difference(close, "post-LN")["resolved"] is False

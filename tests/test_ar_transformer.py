@@ -7,7 +7,7 @@ import torch
 
 from agm.autoregressive import ar_transformer
 from agm.autoregressive.ar_transformer import ARConfig, ARTransformer, detokenize, loss, tokenize
-from agm.nn.transformer import filter_logits
+from agm.nn.transformer import Transformer, TransformerConfig, filter_logits
 
 
 def tiny(**changes):
@@ -152,3 +152,46 @@ def test_sampling_in_chunks_passes_each_chunk_its_own_labels(monkeypatch):
     images = model.sample(5, None, torch.arange(5), chunk=2)
     assert images.shape == (5, 1, 28, 28)
     assert seen == [[0, 1], [2, 3], [4]]
+
+
+def test_bayes_classify_is_bayes_rule_over_the_ten_conditional_likelihoods():
+    model = tiny()
+    x = binary_images(3, seed=2)
+    log_prior = torch.log_softmax(torch.randn(10, generator=torch.Generator().manual_seed(0)), 0)
+    with torch.no_grad():  # brute force: one image and one label at a time
+        joint = torch.tensor([[model.log_prob(x[i:i + 1], torch.tensor([y])).item() + log_prior[y].item()
+                               for y in range(10)] for i in range(3)], dtype=torch.float64)
+    expected = (joint.exp() / joint.exp().sum(1, keepdim=True)).log()
+    got = ar_transformer.bayes_classify(model, x, log_prior)
+    assert got.shape == (3, 10) and torch.allclose(got.double(), expected, atol=1e-4)
+    uniform = ar_transformer.bayes_classify(model, x)  # the default prior is uniform
+    assert torch.allclose(uniform, ar_transformer.bayes_classify(model, x, torch.full((10,), -2.0)), atol=1e-5)
+    assert not torch.allclose(uniform, got, atol=1e-3)  # and the prior is not ignored
+    certain = torch.full((10,), -1e4).index_fill(0, torch.tensor([7]), 0.0)
+    assert (ar_transformer.bayes_classify(model, x, certain).argmax(1) == 7).all()
+
+
+def test_sampling_log_probs_give_the_law_that_generate_draws_from():
+    torch.manual_seed(3)
+    K, T = 3, 4  # symbols 0..2, start token 3: 81 sequences
+    net = Transformer(TransformerConfig(vocab_size=K + 1, output_size=K, block_size=T, width=16, heads=2,
+                                        layers=1)).eval()
+    with torch.no_grad():
+        net.head.weight.mul_(4)  # peaked conditionals, so that the settings below differ clearly
+    every = torch.cartesian_prod(*[torch.arange(K)] * T)  # (K^T, T)
+    start = torch.full((len(every), 1), K)
+    with torch.no_grad():
+        logits = net(torch.cat([start, every[:, :-1]], 1))  # (K^T, T, K)
+    plain = logits.log_softmax(-1).gather(-1, every.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(ar_transformer.sampling_log_probs(logits, every), plain)
+    n = 20_000
+    for options in ({"temperature": 0.5}, {"temperature": 2.0, "top_k": 2}, {"top_p": 0.6}):
+        law = ar_transformer.sampling_log_probs(logits, every, **options).sum(1).exp()  # (K^T,)
+        assert abs(law.sum().item() - 1) < 1e-5
+        drawn = net.generate(torch.full((n, 1), K), T, torch.Generator().manual_seed(1), **options)[:, 1:]
+        index = (drawn * K ** torch.arange(T - 1, -1, -1)).sum(1)  # row of each draw in ``every``
+        freq = torch.bincount(index, minlength=len(every)).double() / n
+        assert 0.5 * (freq - law).abs().sum() < 0.02  # the draws follow the law ...
+        assert 0.5 * (freq - plain.sum(1).exp()).abs().sum() > 0.05  # ... and not the untempered, unfiltered one
+    with pytest.raises(ValueError, match="temperature"):
+        ar_transformer.sampling_log_probs(logits, every, temperature=0.0)

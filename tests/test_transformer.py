@@ -8,10 +8,14 @@ from agm.nn.transformer import (
     Block,
     Transformer,
     TransformerConfig,
+    block_gradient_norms,
     counting_attention_pairs,
     generation_cost,
     parameter_count,
     parameter_formula,
+    rotate,
+    sinusoidal_shift,
+    sinusoidal_table,
 )
 
 
@@ -76,3 +80,48 @@ def test_generation_cost_matches_pytorchs_flop_counter_and_the_pairs_each_layer_
         pass
     model(torch.zeros(1, 3, dtype=torch.long))
     assert after == [] and all(not block.attn._forward_hooks for block in model.blocks)
+
+
+@pytest.mark.parametrize("width", [16, 17])
+@pytest.mark.parametrize("offset", [1, 5, 40, -3])
+def test_a_fixed_rotation_moves_every_sinusoidal_row_offset_positions_on(width, offset):
+    table = sinusoidal_table(100, width).double()  # (T, C)
+    R = sinusoidal_shift(offset, width)
+    p = torch.arange(max(0, -offset), min(100, 100 - offset))
+    assert torch.allclose(table[p] @ R.T, table[p + offset], atol=1e-5)
+    assert torch.allclose(R @ R.T, torch.eye(width, dtype=torch.float64), atol=1e-12)  # a rotation
+    assert not torch.allclose(table[p] @ sinusoidal_shift(offset + 1, width).T, table[p + offset], atol=1e-2)
+
+
+def test_rotary_scores_depend_only_on_the_difference_of_positions():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 20, 8, generator=g, dtype=torch.float64).unbind(0)  # (H, T, d) each
+    pos = torch.arange(20)
+    scores = rotate(q, pos) @ rotate(k, pos).transpose(-1, -2)  # (H, T, T)
+    shifted = rotate(q, pos + 57) @ rotate(k, pos + 57).transpose(-1, -2)
+    assert torch.allclose(scores, shifted, atol=1e-4)
+    m, n = 3, 11  # q_m . k_n = q_m . R_{n-m} k_n
+    assert torch.allclose(scores[:, m, n], (q[:, m] * rotate(k[:, n : n + 1], torch.tensor([n - m]))[:, 0]).sum(-1))
+    assert torch.allclose(rotate(q, pos).norm(dim=-1), q.norm(dim=-1))
+    assert not torch.allclose(scores, q @ k.transpose(-1, -2), atol=1e-2)
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_block_gradient_norms_are_the_norms_backward_gives_block_by_block(norm):
+    model = small(norm=norm, layers=3).train()
+    tokens = torch.randint(0, 6, (4, 10), generator=torch.Generator().manual_seed(1))
+    loss = model(tokens).logsumexp(-1).mean()
+    norms = block_gradient_norms(model, loss, retain_graph=True)
+    assert all(p.grad is None for p in model.parameters())
+    loss.backward()
+    expected = [torch.cat([p.grad.flatten() for p in block.parameters()]).norm().item() for block in model.blocks]
+    assert norms == pytest.approx(expected, rel=1e-5) and len(set(norms)) == 3
+
+
+def test_without_residuals_a_dead_block_cuts_the_gradient_of_every_block_below_it():
+    model = small(residual=False, layers=3)
+    with torch.no_grad():
+        for p in model.blocks[1].mlp[2].parameters():
+            p.zero_()  # block 2 now outputs zeros whatever its input
+    norms = block_gradient_norms(model, model(torch.randint(0, 6, (2, 8))).sum())
+    assert norms[0] == 0 and norms[1] > 0 and norms[2] > 0

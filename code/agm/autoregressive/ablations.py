@@ -82,3 +82,25 @@ def table(cells: dict[str, dict], variants=tuple(VARIANTS)) -> list[dict]:
                      "test_nll_nats": statistics.fmean(values) if values else None,
                      "test_nll_sd": statistics.stdev(values) if len(values) > 1 else None})
     return rows
+
+
+def stored(name: str = "ar-transformer") -> dict[str, dict]:
+    """The cells stored so far in the manifest of ``name`` ({} before ``evaluate NAME --full`` has run)."""
+    return dict(checkpoint.read_manifest(name).metrics.get(KEY, {}))
+
+
+def by_seed(cells: dict[str, dict], variant: str, key: str = "test_nll_nats") -> dict[int, float]:
+    """``key`` of each stored seed of ``variant``: {seed: value}."""
+    return {int(k.rsplit("/seed", 1)[1]): v[key] for k, v in cells.items() if k.rsplit("/seed", 1)[0] == variant}
+
+
+def paired_difference(cells: dict[str, dict], variant: str, baseline: str = "pre-LN") -> dict:
+    """Test NLL of ``variant`` minus that of ``baseline``, seed by seed, over the seeds both have (a seed fixes the
+    batches, their binarization and the dropped labels for every variant alike): the mean difference, its
+    standard error sd / sqrt(n), n, and whether |mean| exceeds twice the standard error (None below two seeds)."""
+    a, b = by_seed(cells, variant), by_seed(cells, baseline)
+    diffs = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+    # $\bar d = \frac1n\sum_k d_k$, $\mathrm{se} = s_d/\sqrt n$
+    mean = statistics.fmean(diffs) if diffs else None
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+    return {"seeds": len(diffs), "difference": mean, "se": se, "resolved": None if se is None else abs(mean) > 2 * se}

@@ -17,6 +17,7 @@ sequences in batches through the cache.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import check_images
-from agm.nn.transformer import Transformer, TransformerConfig
+from agm.nn.transformer import Transformer, TransformerConfig, filter_logits
 from agm.registry import ModelSpec, TrainResult
 
 NUM_CLASSES = 10
@@ -193,6 +194,41 @@ def test_nll(model: nn.Module, n: int | None = None, batch_size: int = 250) -> d
     uncond = torch.cat([model.log_prob(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
     cond = torch.cat([model.log_prob(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)])
     return nll_report(uncond) | {"test_nll_n": len(x), "test_conditional_nll_nats": -cond.double().mean().item()}
+
+
+@torch.no_grad()
+def class_log_likelihoods(model: ARTransformer, x: torch.Tensor) -> torch.Tensor:
+    """log p(x | y) of binary images (B, 1, 28, 28) under each of the ten labels, (B, 10), in nats."""
+    B = len(x)
+    labels = torch.arange(NUM_CLASSES, device=x.device).repeat(B)  # (B * 10,): 0..9 for every image
+    return model.log_prob(x.repeat_interleave(NUM_CLASSES, 0), labels).view(B, NUM_CLASSES)
+
+
+def bayes_posterior(log_likelihoods: torch.Tensor, log_prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Bayes' rule in logs, (B, 10): log p(y | x) from log p(x | y) (B, 10) and log p(y) (10,), uniform if None."""
+    if log_prior is None:
+        log_prior = torch.full((NUM_CLASSES,), -math.log(NUM_CLASSES))
+    # $\log p(y \mid x) = \log p(x \mid y) + \log p(y) - \log \sum_{y'} p(x \mid y')\,p(y')$
+    joint = log_likelihoods + log_prior.to(log_likelihoods)  # (B, 10)
+    return joint - joint.logsumexp(-1, keepdim=True)
+
+
+def bayes_classify(model: ARTransformer, x: torch.Tensor, log_prior: torch.Tensor | None = None) -> torch.Tensor:
+    """The generative classifier: log-posteriors (B, 10) of the labels of binary images; the argmax is the
+    most probable label, argmax_y log p(x | y) + log p(y)."""
+    return bayes_posterior(class_log_likelihoods(model, x), log_prior)
+
+
+def sampling_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """log q(t_i | t_<i), (B, T), of ``tokens`` under the rule by which :meth:`Transformer.generate` draws them
+    from ``logits`` (B, T, K): the softmax of the logits divided by the temperature, restricted by
+    :func:`filter_logits` (-inf for a token the filter removes)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    # $q(k \mid t_{<i}) \propto \exp(\ell_k / \tau)$ over the symbols the filter keeps
+    logq = filter_logits(logits.float() / temperature, top_k, top_p).log_softmax(-1)  # (B, T, K)
+    return logq.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def build(config: dict) -> ARTransformer:

@@ -49,14 +49,35 @@ class TransformerConfig:
             raise ValueError("rotary positions need an even head dimension")
 
 
+def sinusoidal_frequencies(width: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """The width // 2 frequencies of :func:`sinusoidal_table`, from 1 down to nearly 1 / max_period."""
+    half = width // 2
+    # $\omega_i = \text{max\_period}^{-i/\text{half}}$, $i = 0, \dots, \text{half} - 1$
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+
 def sinusoidal_table(length: int, width: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Vaswani et al.'s fixed embedding (length, width): sines and cosines of geometric frequencies."""
     half = width // 2
-    # $\omega_i = \text{max\_period}^{-i/\text{half}}$, row $p$ = $[\sin(p\omega), \cos(p\omega)]$
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    # row $p$ = $[\sin(p\omega), \cos(p\omega)]$
+    freqs = sinusoidal_frequencies(width, max_period)
     angles = torch.arange(length, dtype=torch.float32)[:, None] * freqs[None]
     table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
     return nn.functional.pad(table, (0, width - 2 * half))
+
+
+def sinusoidal_shift(offset: int, width: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """The matrix R (width, width), the same for every p, with row p + offset of :func:`sinusoidal_table` equal to
+    R @ row p (Chapter 47): a rotation by the angle offset * omega_i in the plane of each (sin, cos) pair."""
+    half = width // 2
+    angle = offset * sinusoidal_frequencies(width, max_period).double()  # (half,)
+    cos, sin, i = angle.cos(), angle.sin(), torch.arange(half)
+    R = torch.eye(width, dtype=torch.float64)  # an odd width's padding column stays zero under any R
+    # $\sin((p + k)\omega) = \cos(k\omega)\sin(p\omega) + \sin(k\omega)\cos(p\omega)$
+    R[i, i], R[i, i + half] = cos, sin
+    # $\cos((p + k)\omega) = -\sin(k\omega)\sin(p\omega) + \cos(k\omega)\cos(p\omega)$
+    R[i + half, i], R[i + half, i + half] = -sin, cos
+    return R
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, max_period: float = 10_000.0) -> torch.Tensor:
@@ -130,6 +151,11 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, K). With a ``cache``, ``tokens`` are the new positions after those it holds."""
+        return self.head(self.features(tokens, cache))
+
+    def features(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final hidden states (B, T, C) that the head reads: the last block's output after the final
+        LayerNorm (an identity for post-LN blocks, which end normalized). A value head reads them too."""
         if tokens.ndim != 2 or tokens.dtype != torch.long:
             raise ValueError(f"tokens must be a long tensor [B, T], got {tokens.dtype} {list(tokens.shape)}")
         offset = cache.length() if cache is not None else 0
@@ -141,7 +167,7 @@ class Transformer(nn.Module):
                 return rotate(q, pos), rotate(k, pos)
         for layer, block in enumerate(self.blocks):
             h = block(h, cache, layer, offset, qk)
-        return self.head(self.ln(h))
+        return self.ln(h)
 
     @torch.no_grad()
     def generate(self, prefix: torch.Tensor, new_tokens: int, generator: torch.Generator | None = None,
@@ -183,6 +209,15 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         drop = torch.zeros_like(before, dtype=torch.bool).scatter(-1, order, before >= top_p)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def block_gradient_norms(model: Transformer, loss: torch.Tensor, retain_graph: bool = False) -> list[float]:
+    """The norm of the gradient of ``loss`` with respect to all the parameters of each block, first block first
+    (Chapter 46). Computed with ``torch.autograd.grad``: no ``.grad`` attribute is written."""
+    params = [list(block.parameters()) for block in model.blocks]
+    grads = iter(torch.autograd.grad(loss, [p for block in params for p in block], retain_graph=retain_graph))
+    # $\|\nabla_{\theta_l} \ell\| = \big(\sum_{p \in \theta_l} \|\nabla_p \ell\|^2\big)^{1/2}$ for block $l$
+    return [math.sqrt(sum(next(grads).double().square().sum().item() for _ in block)) for block in params]
 
 
 def parameter_count(model: nn.Module) -> int:
