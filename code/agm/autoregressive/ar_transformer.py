@@ -26,7 +26,7 @@ from torch import nn
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import check_images
 from agm.nn.transformer import Transformer, TransformerConfig, filter_logits
-from agm.registry import ModelSpec, TrainResult
+from agm.registry import ModelSpec, TrainResult, register
 
 NUM_CLASSES = 10
 
@@ -277,7 +277,6 @@ def add_sample_options(parser) -> None:
     parser.add_argument("--unconditional", action="store_true", help="the null context: draw from p(x), no label")
 
 
-# registered (agm.registry.MODEL_MODULES and register(SPEC)) once its checkpoint ships
 SPEC = ModelSpec(
     name="ar-transformer", chapter=45, summary="decoder-only transformer over 2x2-pixel tokens, label or null context",
     build=build, train=train, sample=sample, evaluate=evaluate, evaluate_full=evaluate_full, conditional=True,
@@ -285,3 +284,4 @@ SPEC = ModelSpec(
     add_sample_options=add_sample_options, metric_sample_options=lambda: {"unconditional": True},
     samples="binary images",
 )
+register(SPEC)
