@@ -224,3 +224,10 @@ def test_train_loop_updates_the_ema_after_every_step():
                ema=ema)
     assert ema.updates == 3 and not torch.equal(ema.module.weight, start)
     assert not torch.equal(ema.module.weight, model.weight)  # an average, not a copy
+
+
+def test_categorical_log_prob_against_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    logits, tokens = torch.randn(3, 5, 7, generator=g), torch.randint(0, 7, (3, 5), generator=g)
+    expected = torch.distributions.Categorical(logits=logits).log_prob(tokens)
+    assert torch.allclose(distributions.categorical_log_prob(logits, tokens), expected, atol=1e-6)

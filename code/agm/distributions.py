@@ -75,6 +75,13 @@ def bernoulli_log_prob(x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return (torch.xlogy(x, probs) + torch.xlogy(1 - x, 1 - probs)).sum(-1)
 
 
+def categorical_log_prob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tokens]: the log-probability of each token under its row of logits,
+    logits (..., K) and integer tokens (...) -> (...)."""
+    # $\log p(k) = \ell_k - \log\sum_j e^{\ell_j}$
+    return logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 def mean_and_standard_error(values: torch.Tensor) -> tuple[float, float]:
     """The mean of a 1-D sample and its standard error s / sqrt(n) (s with Bessel's correction)."""
     if values.ndim != 1 or len(values) < 2:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from agm import checkpoint
 from agm.autoregressive.ar_transformer import ARConfig, ar_training, fit, test_nll
+from agm.nn.transformer import parameter_count
 from agm.runtime import budget
 
 KEY = "ablations"
@@ -55,7 +56,7 @@ def run(name: str, seed: int = 0, steps: int | None = None, n_test: int | None =
     seconds = time.perf_counter() - start
     report = test_nll(model, n=n_test or budget(TEST_IMAGES, 100))
     return {"test_nll_nats": report["test_nll_nats"], "test_nll_n": report["test_nll_n"], "seconds": seconds,
-            "steps": config.train.steps, "parameters": sum(p.numel() for p in model.parameters()),
+            "steps": config.train.steps, "parameters": parameter_count(model),
             "curve": {"step": [h["step"] for h in history], "loss": [h["loss"] for h in history]}}
 
 
@@ -77,7 +78,7 @@ def table(cells: dict[str, dict], variants=tuple(VARIANTS)) -> list[dict]:
     """One row per variant: mean and standard deviation of the test NLL over the seeds stored."""
     rows = []
     for variant in variants:
-        values = [v["test_nll_nats"] for k, v in cells.items() if k.split("/")[0] == variant]
+        values = list(by_seed(cells, variant).values())
         rows.append({"variant": variant, "seeds": len(values),
                      "test_nll_nats": statistics.fmean(values) if values else None,
                      "test_nll_sd": statistics.stdev(values) if len(values) > 1 else None})

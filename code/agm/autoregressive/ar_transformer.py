@@ -25,6 +25,7 @@ from torch import nn
 
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import check_images
+from agm.distributions import categorical_log_prob
 from agm.nn.transformer import Transformer, TransformerConfig, filter_logits
 from agm.registry import ModelSpec, TrainResult, register
 
@@ -125,8 +126,7 @@ class ARTransformer(nn.Module):
 
     def token_log_probs(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """log p(t_i | context, t_<i) of every token, (B, T), in nats."""
-        logp = self(tokens, labels).log_softmax(-1)  # (B, T, K)
-        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return categorical_log_prob(self(tokens, labels), tokens)
 
     def log_prob(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x) (labels None) or log p(x | y) of binary images (B, 1, 28, 28), exactly, in nats: (B,)."""
@@ -160,8 +160,7 @@ def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
     x, y = batch
     tokens = tokenize(x, model.config.patch)
     drop = torch.rand(len(y), generator=generator) < model.config.p_uncond  # (B,)
-    logp = model(tokens, y, drop).log_softmax(-1)  # (B, T, K)
-    nll = -logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(1)  # (B,)
+    nll = -categorical_log_prob(model(tokens, y, drop), tokens).sum(1)  # (B,)
     return nll.mean(), {"nll_labelled": nll[~drop].mean().detach() if (~drop).any() else torch.tensor(float("nan"))}
 
 
@@ -227,8 +226,7 @@ def sampling_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: 
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     # $q(k \mid t_{<i}) \propto \exp(\ell_k / \tau)$ over the symbols the filter keeps
-    logq = filter_logits(logits.float() / temperature, top_k, top_p).log_softmax(-1)  # (B, T, K)
-    return logq.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return categorical_log_prob(filter_logits(logits.float() / temperature, top_k, top_p), tokens)
 
 
 def build(config: dict) -> ARTransformer:

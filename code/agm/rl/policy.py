@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from agm.autoregressive.ar_transformer import ARTransformer
+from agm.distributions import categorical_log_prob
 
 
 class PolicyWithValue(nn.Module):
@@ -35,7 +36,7 @@ class PolicyWithValue(nn.Module):
     def token_log_probs(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """log pi(x_t | y, x_<t) of every token, (B, T), as :meth:`ARTransformer.token_log_probs`."""
         logits, _ = self(tokens, labels)
-        return logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return categorical_log_prob(logits, tokens)
 
     def sample_tokens(self, n: int, labels: torch.Tensor | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:

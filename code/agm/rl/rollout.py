@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from agm.distributions import categorical_log_prob
 from agm.rl.policy import PolicyWithValue
 
 
@@ -70,7 +71,7 @@ def collect_rollout(policy: nn.Module, reference: nn.Module,
     values = None
     if isinstance(policy, PolicyWithValue):
         logits, values = policy(tokens, labels)  # (n, T, K), (n, T)
-        logprobs = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        logprobs = categorical_log_prob(logits, tokens)
     else:
         logprobs = sequence_log_probs(policy, tokens, labels)
     ref_logprobs = sequence_log_probs(reference, tokens, labels)

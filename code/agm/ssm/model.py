@@ -18,6 +18,7 @@ from agm.autoregressive import ar_transformer
 from agm.autoregressive.ar_transformer import NUM_CLASSES, ar_training, detokenize, tokenize
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import check_images
+from agm.distributions import categorical_log_prob
 from agm.registry import ModelSpec, TrainResult
 from agm.ssm.layers import S4D, SelectiveSSM
 
@@ -98,7 +99,7 @@ class SSMModel(nn.Module):
 
     def token_log_probs(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """log p(t_i | context, t_<i) of every token, (B, T)."""
-        return self(tokens, labels).log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return categorical_log_prob(self(tokens, labels), tokens)
 
     def log_prob(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x) or log p(x | y) of binary images (B, 1, 28, 28), exactly, in nats: (B,)."""
