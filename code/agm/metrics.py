@@ -255,3 +255,34 @@ def real_reference(n: int, seed: int = 0) -> dict[str, float]:
     x, _ = mnist("trainval")
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
     return sample_metrics(x[idx])
+
+
+@lru_cache(maxsize=10)
+def _digit_reference(digit: int, classifier_sha256: str) -> dict[str, torch.Tensor]:
+    ref = reference_stats()
+    _, y = mnist("test")
+    feats = ref["features"][y == digit]
+    mu, sigma = gaussian_stats(feats)
+    return {"features": feats, "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma),
+            REFERENCE_RADII: _kth_neighbour_radii(feats.float(), PR_K)}
+
+
+def digit_reference(digit: int) -> dict[str, torch.Tensor]:
+    """Features, mean, covariance and k-NN radii of the test images of one digit (about 1 000 of them)."""
+    if digit not in range(10):
+        raise ValueError(f"digit must be an integer in 0..9, got {digit!r}")
+    return _digit_reference(digit, classifier()[1])
+
+
+def digit_metrics(images: torch.Tensor, digit: int) -> dict[str, float]:
+    """The kit against the test images of one digit, for a generator asked to draw only that digit: the share of
+    ``images`` the classifier reads as ``digit``, the FID (MNIST classifier) to that digit's test images, and
+    precision and recall against them."""
+    check_images(images)
+    ref = digit_reference(digit)
+    feats, probs = classifier_outputs(images)
+    mu, sigma = gaussian_stats(feats)
+    precision, recall = precision_recall(ref["features"], feats, PR_K, ref[REFERENCE_RADII])
+    return {"target_fraction": float((probs.argmax(1) == digit).double().mean()),
+            "digit_fid": frechet_distance(mu, sigma, ref["mu"].numpy(), ref["sigma"].numpy()),
+            "digit_precision": precision, "digit_recall": recall, "n_samples": len(images)}

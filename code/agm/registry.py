@@ -75,6 +75,9 @@ class ModelSpec:
     metric_sample_options: Callable[[], dict[str, Any]] | None = None
     # an expensive evaluation run once by `evaluate NAME --full`, stored in the manifest
     evaluate_full: Callable[[nn.Module], dict[str, float]] | None = None
+    # whether the metrics kit against all test images measures its samples (False for a generator of one digit,
+    # which its own ``evaluate`` measures against the test images of that digit)
+    kit: bool = True
 
     @property
     def generative(self) -> bool:

@@ -32,7 +32,7 @@ class StaleMetricsError(RuntimeError):
 def model_rows(classifier_sha256: str) -> list[dict]:
     rows = []
     for name, spec in registry.all_specs().items():
-        if not spec.generative or checkpoint.status(name) != "verified":
+        if not spec.generative or not spec.kit or checkpoint.status(name) != "verified":
             continue
         m = checkpoint.read_manifest(name)
         used = m.metrics.get("metrics_classifier_sha256")
@@ -98,7 +98,7 @@ def sample_grids(n: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
     """``n`` samples of every verified generative model, drawn as its metrics draw them: name -> [n, 1, 28, 28]."""
     grids = {}
     for name, spec in registry.all_specs().items():
-        if not spec.generative or checkpoint.status(name) != "verified":
+        if not spec.generative or not spec.kit or checkpoint.status(name) != "verified":
             continue
         model, _ = registry.load_model(name)
         options = spec.metric_sample_options() if spec.metric_sample_options else {}

@@ -1,0 +1,111 @@
+r"""The fine-tuned policies of Chapters 50–53 as models of the book: ``reinforce``, ``kl-policy``, ``ppo``, ``trpo``.
+
+Each requires the ``ar-transformer`` (its starting point and reference) and the ``classifier`` (its reward), and
+is measured by :func:`policy_report` on unconditional samples: the share the classifier reads as the target, the
+KL to the reference per sequence, and the kit against the test images of the target digit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from agm.autoregressive.ar_transformer import ARConfig, ARTransformer, detokenize
+from agm.config import from_dict, to_dict
+from agm.data import check_images
+from agm.registry import ModelSpec, TrainResult, refuse_labels
+from agm.rl import finetune
+from agm.rl.finetune import FinetuneConfig, bare
+from agm.rl.kl import kl_full
+from agm.runtime import budget
+
+# beta and the learning rate of each method; everything else is FinetuneConfig's default
+SETTINGS = {
+    "reinforce": {"kl_coef": 0.0, "lr": 3e-5},
+    "kl-policy": {"kl_coef": 0.05, "lr": 3e-5},
+    "ppo": {"kl_coef": 0.1, "lr": 1e-5},
+    "trpo": {"kl_coef": 0.05, "lr": 0.0},  # TRPO's step is set by max_kl, not by a learning rate
+}
+CHAPTERS = {"reinforce": 50, "kl-policy": 51, "ppo": 52, "trpo": 53}
+SUMMARIES = {
+    "reinforce": "ar-transformer fine-tuned by REINFORCE with a leave-one-out baseline to draw sevens",
+    "kl-policy": "ar-transformer fine-tuned by REINFORCE on the KL-regularized score E[R] - beta KL",
+    "ppo": "ar-transformer fine-tuned by PPO (clipped surrogate, value head, GAE) to draw sevens",
+    "trpo": "ar-transformer fine-tuned by TRPO (natural gradient, conjugate gradient, line search)",
+}
+
+
+def config_for(method: str, policy: ARConfig, seed: int = 0) -> FinetuneConfig:
+    setting = SETTINGS[method]
+    config = FinetuneConfig(method=method, kl_coef=setting["kl_coef"], policy=policy,
+                            rollout=budget(64, 8), train=finetune.finetune_training(lr=setting["lr"]))
+    config.train = config.train.budgeted(seed)
+    config.train.steps = budget(config.train.steps, 3)
+    return config
+
+
+def build(config: dict) -> nn.Module:
+    return finetune.make_policy(from_dict(FinetuneConfig, config))
+
+
+def trainer(method: str):
+    def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
+        reference, classifier = parents["ar-transformer"], parents["classifier"]
+        config = config_for(method, reference.config, seed)
+        policy, history, snapshots = finetune.finetune(config, reference, classifier)
+        return TrainResult(policy, to_dict(config), steps=config.train.steps,
+                           extra={"history": history, "snapshots": snapshots})
+    return train
+
+
+@torch.no_grad()
+def sequence_kl(policy: nn.Module, reference: ARTransformer, tokens: torch.Tensor, batch_size: int = 250
+                ) -> torch.Tensor:
+    """KL(pi || pi_ref) of each sequence (B,) sampled from pi: the per-token KL over the vocabulary, summed."""
+    out = []
+    for i in range(0, len(tokens), batch_size):
+        t = tokens[i:i + batch_size]
+        out.append(kl_full(bare(policy)(t), reference(t)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def policy_report(policy: nn.Module, reference: ARTransformer, target: int, n: int,
+                  generator: torch.Generator) -> dict[str, float]:
+    """n unconditional samples of ``policy``: the kit against the test images of ``target``
+    (:func:`agm.metrics.digit_metrics`), the mean classifier log-probability of the target, and the KL to the
+    reference in nats per sequence with its standard error."""
+    from agm.metrics import classifier_outputs, digit_metrics
+
+    tokens = torch.cat([bare(policy).sample_tokens(min(500, n - i), None, generator) for i in range(0, n, 500)])
+    images = detokenize(tokens, bare(policy).config.patch)
+    kl = sequence_kl(policy, reference, tokens).double()
+    probs = classifier_outputs(images)[1][:, target].double()
+    return digit_metrics(images, target) | {
+        "reward": probs.clamp_min(1e-30).log().mean().item(),
+        "kl_to_reference": kl.mean().item(), "kl_to_reference_se": (kl.std() / math.sqrt(len(kl))).item()}
+
+
+def evaluator(method: str):
+    def evaluate(policy: nn.Module) -> dict[str, float]:
+        """:func:`policy_report` on 1 000 samples (smoke: 50) against the shipped reference."""
+        from agm import registry
+
+        reference, _ = registry.load_model("ar-transformer")
+        target = FinetuneConfig().target
+        return policy_report(policy, reference, target, budget(1000, 50), torch.Generator().manual_seed(0))
+    return evaluate
+
+
+def sample(policy: nn.Module, n: int, generator: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """``sample NAME``: n unconditional draws of the fine-tuned policy (binary images)."""
+    refuse_labels(labels)
+    return check_images(bare(policy).sample(n, generator))
+
+
+SPECS = {method: ModelSpec(
+    name=method, chapter=CHAPTERS[method], summary=SUMMARIES[method], build=build, train=trainer(method),
+    evaluate=evaluator(method), sample=sample, samples="binary images", requires=("ar-transformer", "classifier"),
+    train_minutes=30.0, kit=False) for method in finetune.METHODS}
