@@ -126,7 +126,8 @@ def check_rewards(rollout: Rollout) -> None:
 
 
 def kl_regularized_scores(rollout: Rollout, kl_coef: float) -> torch.Tensor:
-    r"""$R(x) - \beta \log \pi(x) / \pi_{\rm ref}(x)$ per sequence (B,): the score the KL-regularized objective maximizes."""
+    r"""$R(x) - \beta \log \pi(x) / \pi_{\rm ref}(x)$ per sequence (B,): the score the KL-regularized objective
+    maximizes."""
     return rollout.rewards - kl_coef * kl_log_ratio(rollout.logprobs, rollout.ref_logprobs)
 
 
