@@ -63,7 +63,7 @@ class TRPOConfig:
     max_kl: float = 0.002  # delta: bound on the mean per-token KL(pi_old || pi_new) of one update
     cg_iters: int = 10
     damping: float = 0.1  # F + damping I, which keeps conjugate gradient stable
-    fisher_sequences: int = 16  # Fisher-vector products on this many sequences of each rollout (a subsample)
+    fisher_sequences: int = 8  # Fisher-vector products on this many sequences of each rollout (a subsample)
     backtracks: int = 10
 
     def __post_init__(self):
@@ -184,16 +184,23 @@ def trpo_update(policy: ARTransformer, rollout: Rollout, kl_coef: float, config:
     fisher_tokens = rollout.tokens[:config.fisher_sequences]
     fisher_labels = None if rollout.labels is None else rollout.labels[:config.fisher_sequences]
 
-    def surrogate() -> torch.Tensor:
+    def surrogate(logits: torch.Tensor) -> torch.Tensor:
         # $L(\theta) = -\mathbb{E}_t[A_t\, \pi_\theta(x_t \mid s_t) / \pi_{\rm old}(x_t \mid s_t)]$
-        ratio = (categorical_log_prob(policy(rollout.tokens, rollout.labels), rollout.tokens) - rollout.logprobs).exp()
+        ratio = (categorical_log_prob(logits, rollout.tokens) - rollout.logprobs).exp()
         return -(advantages * ratio).mean()
 
-    def at(x: torch.Tensor, fn):
-        vector_to_parameters(x, params)
-        return fn()
+    last: dict = {}
 
-    loss_grad = flat_grad(surrogate(), params)
+    def logits_at(x: torch.Tensor) -> torch.Tensor:
+        """The policy's logits with parameters x; the line search asks for the loss and the KL at each trial point,
+        so the forward pass of the latest point is kept."""
+        if last.get("x") is not x:
+            vector_to_parameters(x, params)
+            last.update(x=x, logits=policy(rollout.tokens, rollout.labels))
+        return last["logits"]
+
+    loss_grad = flat_grad(surrogate(policy(rollout.tokens, rollout.labels)), params)
+
     def fvp(v: torch.Tensor) -> torch.Tensor:
         # double backpropagation needs attention's plain (math) kernel: the fused CPU kernel has no second derivative
         with sdpa_kernel(SDPBackend.MATH):
@@ -203,9 +210,8 @@ def trpo_update(policy: ARTransformer, rollout: Rollout, kl_coef: float, config:
 
     full_step, expected = natural_gradient_step(loss_grad, fvp, config.max_kl, config.cg_iters)
     x, logs = backtracking_line_search(
-        lambda x: at(x, surrogate), x0, full_step, expected, config.max_kl,
-        lambda x: at(x, lambda: per_token_kl(old_logits, policy(rollout.tokens, rollout.labels))),
-        config.backtracks)
+        lambda x: surrogate(logits_at(x)), x0, full_step, expected, config.max_kl,
+        lambda x: per_token_kl(old_logits, logits_at(x)), config.backtracks)
     vector_to_parameters(x, params)
     return {"expected_improvement": float(expected), **{k: float(v) for k, v in logs.items()}}
 
@@ -272,7 +278,12 @@ def finetune(config: FinetuneConfig, reference: ARTransformer, classifier: nn.Mo
                 "kl_k3": kl_k3(rollout.logprobs, rollout.ref_logprobs).mean(), **logs,
                 "seconds": time.perf_counter() - start}
 
-    history = run_steps(step, updates, log_every=1, desc=config.method, modules=[policy])
+    def report(s: int, logs: dict) -> None:
+        if s % 10 == 0:
+            log(f"{config.method} update {s}: reward {float(logs['reward']):.3f}, target "
+                f"{float(logs['target_fraction']):.2f}, KL {float(logs['kl_log_ratio']):.2f}")
+
+    history = run_steps(step, updates, log_every=1, desc=config.method, on_step=report, modules=[policy])
     last = history[-1]
     log(f"{config.method}: {updates} updates, reward {last['reward']:.3f}, target {last['target_fraction']:.2f}")
     return policy.eval(), history, snapshots
