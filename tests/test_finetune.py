@@ -232,3 +232,15 @@ def test_token_strings_round_trip():
     tokens = torch.randint(0, 16, (3, 196), generator=torch.Generator().manual_seed(0))
     rows = finetune.encode_tokens(tokens)
     assert all(len(r) == 196 for r in rows) and torch.equal(finetune.decode_tokens(rows), tokens)
+
+
+def test_the_report_of_the_reference_against_itself_has_zero_kl_and_scores_its_samples(reference):
+    from agm.rl import models
+
+    report = models.policy_report(reference, reference, 7, 130, torch.Generator().manual_seed(0))
+    assert report["n_samples"] == 130 and abs(report["kl_to_reference"]) < 1e-4
+    assert 0 <= report["target_fraction"] <= 1 and report["digit_fid"] > 0 and report["reward"] < 0
+    moved = copy.deepcopy(reference)
+    with torch.no_grad():
+        moved.transformer.head.bias.add_(torch.linspace(-1, 1, 16))
+    assert models.policy_report(moved, reference, 7, 130, torch.Generator().manual_seed(0))["kl_to_reference"] > 0.1

@@ -19,7 +19,7 @@ from agm.runtime import budget, device, repo_path, seed_everything, set_threads
 SMOKE_CHECKPOINTS = repo_path("_build", "smoke-checkpoints")
 MAX_SAMPLES = 100_000
 LIST_METRICS = ("test_accuracy", "test_nll_nats", "bits_per_dim", "fid", "inception_score", "precision", "recall",
-                "class_coverage")
+                "class_coverage", "target_fraction", "kl_to_reference", "digit_fid", "digit_recall")
 
 
 class UsageError(Exception):

@@ -37,6 +37,7 @@ MODEL_MODULES = [
     "agm.diffusion.latent",
     "agm.diffusion.noise_classifier",
     "agm.autoregressive.ar_transformer",
+    "agm.rl.models",
     "agm.classifier",
 ]
 

@@ -178,7 +178,7 @@ def value_iteration(mdp: TabularMDP, tol: float = 1e-10, max_sweeps: int = 100_0
 @dataclass
 class PrefixValues:
     values: torch.Tensor  # (B,): Monte-Carlo estimate of V(s_t) = E[R(x) | prefix]
-    standard_errors: torch.Tensor  # (B,): sd of the rewards / sqrt(n)
+    standard_errors: torch.Tensor  # (B,): sd of the rewards / sqrt(n); NaN for n = 1
     rewards: torch.Tensor  # (B, n): R of every completed sequence
     tokens: torch.Tensor  # (B, n, T): the completed sequences, prefix included
 

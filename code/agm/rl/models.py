@@ -16,7 +16,7 @@ from torch import nn
 from agm.autoregressive.ar_transformer import ARConfig, ARTransformer, detokenize
 from agm.config import from_dict, to_dict
 from agm.data import check_images
-from agm.registry import ModelSpec, TrainResult, refuse_labels
+from agm.registry import ModelSpec, TrainResult, refuse_labels, register
 from agm.rl import finetune
 from agm.rl.finetune import FinetuneConfig, bare
 from agm.rl.kl import kl_full
@@ -113,13 +113,13 @@ def reference_report(n: int, target: int = FinetuneConfig.target) -> dict[str, f
 
 def evaluator(method: str):
     def evaluate(policy: nn.Module) -> dict[str, float]:
-        """:func:`policy_report` on 1 000 samples (smoke: 200, just above what the FID of 128 features needs)
+        """:func:`policy_report` on 1 000 samples (smoke: 130, just above what the FID of 128 features needs)
         against the shipped reference."""
         from agm import registry
 
         reference, _ = registry.load_model("ar-transformer")
         target = FinetuneConfig().target
-        return policy_report(policy, reference, target, budget(1000, 200), torch.Generator().manual_seed(0))
+        return policy_report(policy, reference, target, budget(1000, 130), torch.Generator().manual_seed(0))
     return evaluate
 
 
@@ -133,3 +133,35 @@ SPECS = {method: ModelSpec(
     name=method, chapter=CHAPTERS[method], summary=SUMMARIES[method], build=build, train=trainer(method),
     evaluate=evaluator(method), sample=sample, samples="binary images", requires=("ar-transformer", "classifier"),
     train_minutes=30.0, kit=False) for method in finetune.METHODS}
+
+
+TABLE_COLUMNS = {"target_fraction": "share read as target", "kl_to_reference": "KL to reference (nats)",
+                 "digit_fid": "FID to test images of the target", "digit_precision": "precision",
+                 "digit_recall": "recall"}
+
+
+def finetune_table(reference_n: int) -> list[dict]:
+    """One row per registered fine-tune with a verified checkpoint, after the reference's own row (measured on
+    ``reference_n`` samples): the metrics stored by ``train NAME``, the wall time of the run and the median
+    seconds per update."""
+    import statistics
+
+    from agm import checkpoint, registry
+
+    rows = [{"model": "reference (ar-transformer)", "chapter": 48,
+             **{label: reference_report(reference_n).get(key) for key, label in TABLE_COLUMNS.items()}}]
+    for name, spec in registry.all_specs().items():
+        if spec is not SPECS.get(name) or checkpoint.status(name) != "verified":
+            continue
+        manifest = checkpoint.read_manifest(name)
+        seconds = [h["seconds"] for h in manifest.training.get("history", [])]
+        rows.append({"model": name, "chapter": spec.chapter,
+                     **{label: manifest.metrics.get(key) for key, label in TABLE_COLUMNS.items()},
+                     "updates": manifest.steps, "seconds per update": statistics.median(seconds) if seconds else None,
+                     "training time (min)": manifest.wall_time_s / 60})
+    return rows
+
+
+SHIPPED = ("ppo",)  # the fine-tunes whose checkpoints ship with the book
+for _name in SHIPPED:
+    register(SPECS[_name])

@@ -106,3 +106,51 @@ def backtracking_line_search(f: Callable[[torch.Tensor], torch.Tensor | float], 
                            "improvement": improvement}
     return x, {"accepted": False, "step_fraction": 0.0, "backtracks": max_backtracks, "kl": 0.0,
                "improvement": 0.0}
+
+
+# -- small policies whose Fisher matrix can be written down (Chapter 53's checks) -------------------------------
+
+
+def linear_softmax_log_probs(states: torch.Tensor, theta: torch.Tensor, actions: int) -> torch.Tensor:
+    """log pi_theta(a | s) (S, K) of the linear softmax policy pi_theta(. | s) = softmax(s W) on states (S, d),
+    with W = theta.view(d, K) (row-major) and K = ``actions``."""
+    if states.ndim != 2 or theta.shape != (states.shape[1] * actions,):
+        raise ValueError(f"need states (S, d) and theta of shape (d * K,) = ({states.shape[-1] * actions},), "
+                         f"got {list(states.shape)} and {list(theta.shape)}")
+    # $\log \pi_\theta(a \mid s) = (sW)_a - \log \sum_b e^{(sW)_b}$
+    return (states @ theta.view(states.shape[1], actions)).log_softmax(-1)
+
+
+def mean_kl(log_probs: Callable[[torch.Tensor], torch.Tensor], theta_old: torch.Tensor,
+            theta: torch.Tensor) -> torch.Tensor:
+    """The mean over states of KL(pi_old(. | s) || pi_theta(. | s)) for a policy given as ``log_probs(theta)``,
+    the table log pi_theta(a | s) (S, K); differentiable in ``theta``."""
+    log_old, log_new = log_probs(theta_old).detach(), log_probs(theta)  # (S, K) each
+    # $\frac1S \sum_s \sum_a \pi_{\rm old}(a \mid s) \log \frac{\pi_{\rm old}(a \mid s)}{\pi_\theta(a \mid s)}$
+    return (log_old.exp() * (log_old - log_new)).sum(-1).mean()
+
+
+def kl_hessian(log_probs: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor) -> torch.Tensor:
+    """The Hessian (n, n) of theta' -> mean_kl(log_probs, theta, theta') at theta' = theta, by autograd."""
+    # $\nabla^2_{\theta'} \overline{\mathrm{KL}}(\theta, \theta')\big|_{\theta' = \theta}$
+    return torch.autograd.functional.hessian(lambda t: mean_kl(log_probs, theta, t), theta.detach())
+
+
+def fisher_by_enumeration(log_probs: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor) -> torch.Tensor:
+    """The Fisher information matrix (n, n) of a policy given as ``log_probs(theta)`` (S, K), by listing every
+    state and action: the mean over states of sum_a pi(a | s) grad log pi(a | s) grad log pi(a | s)^T."""
+    theta = theta.detach()
+    log_pi = log_probs(theta).detach()  # (S, K)
+    scores = torch.autograd.functional.jacobian(log_probs, theta)  # (S, K, n): grad log pi(a | s)
+    # $F = \frac1S \sum_s \sum_a \pi(a \mid s)\, \nabla \log \pi(a \mid s)\, \nabla \log \pi(a \mid s)^\top$
+    return torch.einsum("sa,sai,saj->ij", log_pi.exp(), scores, scores) / log_pi.shape[0]
+
+
+def conjugate_gradient_residual(Avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
+                                iters: int) -> tuple[torch.Tensor, float]:
+    """:func:`conjugate_gradient` with ``iters`` products (stopping early only if the squared residual reaches the
+    smallest normal number of b's dtype), and the relative residual ||A x - b|| / ||b|| of its answer, measured
+    with one more product (not taken from the recursion)."""
+    x = conjugate_gradient(Avp, b, iters, tol=torch.finfo(b.dtype).tiny)
+    # $\|A x - b\| / \|b\|$
+    return x, float((Avp(x) - b).norm() / b.norm())
