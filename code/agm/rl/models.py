@@ -162,6 +162,6 @@ def finetune_table(reference_n: int) -> list[dict]:
     return rows
 
 
-SHIPPED = ("reinforce", "kl-policy", "ppo")  # the fine-tunes whose checkpoints ship with the book
+SHIPPED = ("reinforce", "kl-policy", "ppo", "trpo")  # the fine-tunes whose checkpoints ship with the book
 for _name in SHIPPED:
     register(SPECS[_name])
