@@ -89,6 +89,7 @@ def test_monte_carlo_returns_match_the_linear_solve_within_their_standard_error(
 
 
 def test_monte_carlo_returns_are_shaped_like_the_starts_and_repeat_under_a_seed(example):
+    """Catches a simulation that ignores its generator (the chapter's numbers would change from build to build)."""
     mdp, pi = example
     starts = torch.tensor([0, 3, 3, 1, 2])
     first = monte_carlo_returns(mdp, pi, starts, 10, torch.Generator().manual_seed(3))
@@ -119,6 +120,7 @@ def test_sample_rows_draws_each_index_with_its_probability():
 
 
 def test_truncation_horizon_is_the_fewest_steps_that_bound_the_tail():
+    """Catches a horizon too short for the stated tolerance, or needlessly long."""
     gamma, r_max, tol = 0.9, 2.0, 1e-3
     H = truncation_horizon(gamma, r_max, tol)
     assert gamma ** H * r_max / (1 - gamma) <= tol < gamma ** (H - 1) * r_max / (1 - gamma)
@@ -150,6 +152,7 @@ def test_value_iteration_beats_or_ties_every_deterministic_policy():
 
 
 def test_value_iteration_returns_the_greedy_policy_of_its_values_and_a_fixed_point():
+    """Catches a returned policy that is not greedy for the returned values, or values that are not T*'s fixed point."""
     mdp = random_mdp(5, 2, 0.9, torch.Generator().manual_seed(7))
     V_star, policy, sweeps = value_iteration(mdp, tol=1e-12)
     Q = action_values(mdp, V_star)
@@ -169,6 +172,7 @@ def test_the_chain_moves_as_documented_and_its_optimal_policy_depends_on_gamma()
 
 
 def test_bad_mdps_and_policies_raise():
+    """Catches silent acceptance of a kernel or policy that is not a distribution, gamma outside [0, 1), bad shapes."""
     P = torch.full((3, 2, 3), 1 / 3, dtype=torch.float64)
     r = torch.zeros(3, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="probability"):
@@ -244,6 +248,7 @@ def test_continuations_keep_the_prefix_and_repeat_under_a_seed_in_chunks(tiny):
 
 
 def test_prefix_values_refuse_bad_prefixes(tiny):
+    """Catches prefixes longer than a sequence, without a batch dimension or not token ids, and n = 0."""
     with pytest.raises(ValueError, match="prefixes"):
         continue_prefixes(tiny, torch.zeros(2, tiny.length + 1, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="prefixes"):
