@@ -244,3 +244,30 @@ def test_the_report_of_the_reference_against_itself_has_zero_kl_and_scores_its_s
     with torch.no_grad():
         moved.transformer.head.bias.add_(torch.linspace(-1, 1, 16))
     assert models.policy_report(moved, reference, 7, 130, torch.Generator().manual_seed(0))["kl_to_reference"] > 0.1
+
+
+def test_the_policy_fisher_product_is_the_fisher_vector_product_of_the_mean_per_token_kl(reference):
+    """The product TRPO and Chapter 53 use equals the generic double-backpropagation product of the same KL."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from agm.rl.trpo import fisher_vector_product
+
+    policy = copy.deepcopy(reference).requires_grad_(True)
+    tokens = torch.randint(0, 16, (2, 196), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        old_logits = policy(tokens)
+    params = list(policy.parameters())
+    v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(1))
+    got = finetune.policy_fisher_product(policy, tokens, None, old_logits, v, 0.1)
+    with sdpa_kernel(SDPBackend.MATH):
+        want = fisher_vector_product(lambda: finetune.per_token_kl(old_logits, policy(tokens)), params, v, 0.1)
+    assert torch.allclose(got, want, atol=1e-6) and (got - 0.1 * v).abs().max() > 0  # F v is not zero
+
+
+def test_best_seconds_is_the_shortest_of_the_repeats_and_refuses_none():
+    from agm.runtime import best_seconds
+
+    calls = []
+    assert best_seconds(lambda: calls.append(1), repeats=3) >= 0 and len(calls) == 3
+    with pytest.raises(ValueError, match="repeats"):
+        best_seconds(lambda: None, repeats=0)

@@ -70,3 +70,17 @@ def hardware() -> str:
     if dev.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(dev)}"
     return f"{dev.type}: {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
+
+
+def best_seconds(fn, repeats: int = 3) -> float:
+    """The shortest wall time of ``repeats`` calls of ``fn()``: the least disturbed by other work on the machine."""
+    import time
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)

@@ -172,6 +172,16 @@ def per_token_kl(old_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Te
     return kl_full(old_logits.detach(), new_logits).mean() / old_logits.shape[1]
 
 
+def policy_fisher_product(policy: nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None,
+                          old_logits: torch.Tensor, v: torch.Tensor, damping: float) -> torch.Tensor:
+    """(F + damping I) v for the policy's parameters, F the Hessian of the mean per-token KL from ``old_logits``
+    (B, T, K) — the policy's own logits on ``tokens`` (B, T), detached — at the current parameters."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    # double backpropagation needs attention's plain (math) kernel: the fused CPU kernel has no second derivative
+    with sdpa_kernel(SDPBackend.MATH):
+        return fisher_vector_product(lambda: per_token_kl(old_logits, policy(tokens, labels)), params, v, damping)
+
+
 def trpo_update(policy: ARTransformer, rollout: Rollout, kl_coef: float, config: TRPOConfig) -> dict:
     """TRPO's update of one rollout: the surrogate -mean_t A r_t with the leave-one-out advantage A of each
     sequence's KL-regularized score, its natural-gradient step scaled to ``max_kl``, and the line search."""
@@ -202,11 +212,8 @@ def trpo_update(policy: ARTransformer, rollout: Rollout, kl_coef: float, config:
     loss_grad = flat_grad(surrogate(policy(rollout.tokens, rollout.labels)), params)
 
     def fvp(v: torch.Tensor) -> torch.Tensor:
-        # double backpropagation needs attention's plain (math) kernel: the fused CPU kernel has no second derivative
-        with sdpa_kernel(SDPBackend.MATH):
-            return fisher_vector_product(
-                lambda: per_token_kl(old_logits[:config.fisher_sequences], policy(fisher_tokens, fisher_labels)),
-                params, v, config.damping)
+        return policy_fisher_product(policy, fisher_tokens, fisher_labels, old_logits[:config.fisher_sequences], v,
+                                     config.damping)
 
     full_step, expected = natural_gradient_step(loss_grad, fvp, config.max_kl, config.cg_iters)
     x, logs = backtracking_line_search(
