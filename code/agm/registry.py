@@ -38,6 +38,7 @@ MODEL_MODULES = [
     "agm.diffusion.noise_classifier",
     "agm.autoregressive.ar_transformer",
     "agm.rl.models",
+    "agm.preference.models",
     "agm.classifier",
 ]
 

@@ -244,10 +244,12 @@ def bare(policy: nn.Module) -> ARTransformer:
 
 
 def finetune(config: FinetuneConfig, reference: ARTransformer, classifier: nn.Module,
-             log=print) -> tuple[nn.Module, list[dict], dict]:
+             log=print, reward_model: nn.Module | None = None) -> tuple[nn.Module, list[dict], dict]:
     """Fine-tune a copy of ``reference`` by ``config.method``; returns the policy, the logged history (every
     update: reward, fraction of the target, KL estimates, the method's diagnostics, seconds) and snapshots
-    of sampled sequences over training."""
+    of sampled sequences over training. The reward is the classifier's log p(target | x), or, where
+    ``reward_model`` is given, its ``score_tokens``; then the classifier's score is logged beside it as
+    ``hidden_reward`` (Chapter 54)."""
     if config.policy.patch != 2:
         raise ValueError("the fine-tunes decode 16-symbol tokens: the reference must use 2x2 patches")
     generator = torch.Generator().manual_seed(config.train.seed)
@@ -255,7 +257,8 @@ def finetune(config: FinetuneConfig, reference: ARTransformer, classifier: nn.Mo
     reference = reference.eval().requires_grad_(False)
     policy = make_policy(config)
     bare(policy).load_state_dict(reference.state_dict())
-    reward = DigitReward(classifier, config.target, config.policy.patch)
+    digit = DigitReward(classifier, config.target, config.policy.patch)
+    reward = digit if reward_model is None else reward_model.eval().requires_grad_(False).score_tokens
     optimizer = None  # TRPO steps without one
     if config.method == "ppo":
         optimizer = torch.optim.Adam([{"params": policy.policy.parameters()},
@@ -271,7 +274,9 @@ def finetune(config: FinetuneConfig, reference: ARTransformer, classifier: nn.Mo
         start = time.perf_counter()
         rollout = collect_rollout(policy, reference, reward, config.rollout, None, generator)
         check_rewards(rollout)
-        hits = (reward.class_log_probs(rollout.tokens).argmax(-1) == config.target).float().mean()
+        class_log_probs = digit.class_log_probs(rollout.tokens)
+        hits = (class_log_probs.argmax(-1) == config.target).float().mean()
+        hidden = {} if reward_model is None else {"hidden_reward": class_log_probs[:, config.target].mean()}
         if s in keep:
             snapshots[str(s)] = encode_tokens(rollout.tokens[:16])
         if config.method == "ppo":
@@ -280,7 +285,7 @@ def finetune(config: FinetuneConfig, reference: ARTransformer, classifier: nn.Mo
             logs = trpo_update(policy, rollout, config.kl_coef, config.trpo)
         else:
             logs = reinforce_update(policy, optimizer, rollout, config.kl_coef, config.train.grad_clip)
-        return {"reward": rollout.rewards.mean(), "target_fraction": hits,
+        return {"reward": rollout.rewards.mean(), **hidden, "target_fraction": hits,
                 "kl_log_ratio": kl_log_ratio(rollout.logprobs, rollout.ref_logprobs).mean(),
                 "kl_k3": kl_k3(rollout.logprobs, rollout.ref_logprobs).mean(), **logs,
                 "seconds": time.perf_counter() - start}

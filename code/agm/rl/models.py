@@ -73,14 +73,20 @@ def sequence_kl(policy: nn.Module, reference: ARTransformer, tokens: torch.Tenso
 
 
 @torch.no_grad()
+def policy_samples(policy: nn.Module, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n unconditional token sequences (n, T) of ``policy``, 500 at a time."""
+    return torch.cat([bare(policy).sample_tokens(min(500, n - i), None, generator) for i in range(0, n, 500)])
+
+
+@torch.no_grad()
 def policy_report(policy: nn.Module, reference: ARTransformer, target: int, n: int,
-                  generator: torch.Generator) -> dict[str, float]:
-    """n unconditional samples of ``policy``: the kit against the test images of ``target``
-    (:func:`agm.metrics.digit_metrics`), the mean classifier log-probability of the target, and the KL to the
-    reference in nats per sequence with its standard error."""
+                  generator: torch.Generator, tokens: torch.Tensor | None = None) -> dict[str, float]:
+    """n unconditional samples of ``policy`` (or the given ``tokens``, drawn from it): the kit against the test
+    images of ``target`` (:func:`agm.metrics.digit_metrics`), the mean classifier log-probability of the target,
+    and the KL to the reference in nats per sequence with its standard error."""
     from agm.metrics import classifier_outputs, digit_metrics
 
-    tokens = torch.cat([bare(policy).sample_tokens(min(500, n - i), None, generator) for i in range(0, n, 500)])
+    tokens = policy_samples(policy, n, generator) if tokens is None else tokens
     images = detokenize(tokens, bare(policy).config.patch)
     kl = sequence_kl(policy, reference, tokens).double()
     probs = classifier_outputs(images)[1][:, target].double()
@@ -111,16 +117,18 @@ def reference_report(n: int, target: int = FinetuneConfig.target) -> dict[str, f
     return report
 
 
-def evaluator(method: str):
-    def evaluate(policy: nn.Module) -> dict[str, float]:
-        """:func:`policy_report` on 1 000 samples (smoke: 130, just above what the FID of 128 features needs)
-        against the shipped reference."""
-        from agm import registry
+def evaluate(policy: nn.Module, tokens: torch.Tensor | None = None) -> dict[str, float]:
+    """:func:`policy_report` on 1 000 samples (smoke: 130, just above what the FID of 128 features needs), or on
+    ``tokens`` drawn from the policy, against the shipped reference."""
+    from agm import registry
 
-        reference, _ = registry.load_model("ar-transformer")
-        target = FinetuneConfig().target
-        return policy_report(policy, reference, target, budget(1000, 130), torch.Generator().manual_seed(0))
-    return evaluate
+    reference, _ = registry.load_model("ar-transformer")
+    return policy_report(policy, reference, FinetuneConfig.target, report_samples(), torch.Generator().manual_seed(0),
+                         tokens)
+
+
+def report_samples() -> int:
+    return budget(1000, 130)
 
 
 def sample(policy: nn.Module, n: int, generator: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,7 +139,7 @@ def sample(policy: nn.Module, n: int, generator: torch.Generator, labels: torch.
 
 SPECS = {method: ModelSpec(
     name=method, chapter=CHAPTERS[method], summary=SUMMARIES[method], build=build, train=trainer(method),
-    evaluate=evaluator(method), sample=sample, samples="binary images", requires=("ar-transformer", "classifier"),
+    evaluate=evaluate, sample=sample, samples="binary images", requires=("ar-transformer", "classifier"),
     train_minutes=30.0, kit=False) for method in finetune.METHODS}
 
 
@@ -140,8 +148,12 @@ TABLE_COLUMNS = {"target_fraction": "share read as target", "kl_to_reference": "
                  "digit_recall": "recall"}
 
 
+# the policies the table compares: these fine-tunes and those of Chapters 54–55 (PPO on a learned reward, DPO)
+TABLE_MODELS = (*finetune.METHODS, "ppo-rm", "dpo")
+
+
 def finetune_table(reference_n: int) -> list[dict]:
-    """One row per registered fine-tune with a verified checkpoint, after the reference's own row (measured on
+    """One row per policy of :data:`TABLE_MODELS` with a verified checkpoint, after the reference's own row (measured on
     ``reference_n`` samples): the metrics stored by ``train NAME``, the wall time of the run and the median
     seconds per update."""
     import statistics
@@ -151,7 +163,7 @@ def finetune_table(reference_n: int) -> list[dict]:
     rows = [{"model": "reference (ar-transformer)", "chapter": 48,
              **{label: reference_report(reference_n).get(key) for key, label in TABLE_COLUMNS.items()}}]
     for name, spec in registry.all_specs().items():
-        if spec is not SPECS.get(name) or checkpoint.status(name) != "verified":
+        if name not in TABLE_MODELS or checkpoint.status(name) != "verified":
             continue
         manifest = checkpoint.read_manifest(name)
         seconds = [h["seconds"] for h in manifest.training.get("history", [])]
