@@ -22,8 +22,9 @@ from agm.train import fit_examples
 
 
 def dpo_training(**changes) -> TrainConfig:
-    """Two passes over the training pairs in batches of 32 pairs; Adam at 1e-5, the fine-tunes' rate."""
-    return TrainConfig(**{"steps": None, "epochs": 2, "batch_size": 32, "lr": 1e-5, "grad_clip": 1.0} | changes)
+    """Three passes over the training pairs in batches of 32 pairs, Adam at 3e-5 (in a probe at this rate, the
+    held-out accuracy of the implicit rewards still rose at the third pass; at 1e-5, two passes left it lower)."""
+    return TrainConfig(**{"steps": None, "epochs": 3, "batch_size": 32, "lr": 3e-5, "grad_clip": 1.0} | changes)
 
 
 @dataclass
@@ -76,3 +77,24 @@ def fit(config: DPOConfig, reference: ARTransformer, pairs: PreferencePairs) -> 
 
     history = fit_examples(policy, loss, config.train, torch.arange(len(train_pairs)), desc="dpo", log_every=10)
     return policy.eval(), history
+
+
+def population_dpo_loss(logits: torch.Tensor, ref_logits: torch.Tensor, rewards: torch.Tensor,
+                        beta: float) -> torch.Tensor:
+    r"""The DPO loss of the categorical policy softmax(``logits``) over N outcomes in expectation over its data:
+    two outcomes drawn from pi_ref x pi_ref, pi_ref = softmax(``ref_logits``), and labelled by the Bradley–Terry
+    probabilities sigmoid(r(a) - r(b)) of ``rewards`` (N,). Every (chosen, rejected) pair is enumerated, so the
+    value is exact; differentiable in ``logits``."""
+    if not (logits.ndim == 1 and logits.shape == ref_logits.shape == rewards.shape and len(logits) > 0):
+        raise ValueError(f"logits, ref_logits and rewards must each have shape (N,), got {list(logits.shape)}, "
+                         f"{list(ref_logits.shape)} and {list(rewards.shape)}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    logsigmoid = torch.nn.functional.logsigmoid
+    log_ref = ref_logits.log_softmax(0)
+    # $\hat r(x) = \beta \log \pi_\theta(x) / \pi_{\mathrm{ref}}(x)$, the implicit reward (N,)
+    implicit = beta * (logits.log_softmax(0) - log_ref)
+    # $P(a \succ b) = 2\,\pi_{\rm ref}(a)\,\pi_{\rm ref}(b)\,\sigma(r(a) - r(b))$, drawn as (a, b) or (b, a); (N, N)
+    weights = 2 * (log_ref[:, None] + log_ref[None, :] + logsigmoid(rewards[:, None] - rewards[None, :])).exp()
+    # $\mathcal{L} = -\sum_{a, b} P(a \succ b)\, \log\sigma(\hat r(a) - \hat r(b))$
+    return -(weights * logsigmoid(implicit[:, None] - implicit[None, :])).sum()

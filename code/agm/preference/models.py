@@ -94,7 +94,7 @@ def build_finetune(config: dict) -> nn.Module:
 
 
 def dpo_config(policy, seed: int = 0, beta: float = DPOConfig.beta) -> DPOConfig:
-    train = dpo.dpo_training(epochs=budget(2, 1), batch_size=budget(32, 8), seed=seed)
+    train = dpo.dpo_training(epochs=budget(3, 1), batch_size=budget(32, 8), seed=seed)
     return DPOConfig(beta=beta, policy=policy, train=train, **pair_budget())
 
 
@@ -122,42 +122,30 @@ def evaluate_dpo(policy: nn.Module) -> dict[str, float]:
 
 # the reward-vs-KL frontier -------------------------------------------------------------------------------
 
-FRONTIER_BETAS = {"dpo": (0.03, 0.3, 1.0), "ppo": (0.03, 0.3)}  # beside the shipped dpo and ppo, at beta = 0.1
+FRONTIER_BETAS = (0.03, 0.3)  # DPO's other KL coefficients, beside the shipped dpo's 0.1
 
 
-def frontier_run(method: str, beta: float, log=print) -> dict:
-    """Train ``method`` (dpo or ppo) from the shipped reference at KL coefficient ``beta``, as the shipped model of
-    that method is trained, and measure it: the mean hidden score log p_clf(7 | x) (``reward``), the KL to the
-    reference, the share read as 7 and the kit against test sevens, on 500 samples; and the training seconds."""
+def dpo_beta_run(beta: float, log=print) -> dict:
+    """DPO from the shipped reference at coefficient ``beta``, trained as the shipped ``dpo`` is, and measured as
+    PPO's frontier runs are (:func:`agm.rl.models.frontier_report`)."""
     import time
 
     parents = shipped_parents()
     reference = parents["ar-transformer"]
     start = time.perf_counter()
-    if method == "dpo":
-        config = dpo_config(reference.config, beta=beta)
-        policy, _ = dpo.fit(config, reference, pairs_of(parents, config.pairs))
-    elif method == "ppo":
-        config = rl_models.config_for("ppo", reference.config)
-        config.kl_coef = beta
-        policy, _, _ = finetune.finetune(config, reference, parents["classifier"], log=log)
-    else:
-        raise ValueError(f"the frontier compares dpo and ppo, got {method!r}")
-    seconds = time.perf_counter() - start
-    report = rl_models.policy_report(policy, reference, FinetuneConfig.target, budget(500, 130),
-                                     torch.Generator().manual_seed(0))
-    return {"method": method, "beta": beta, "seconds": seconds, **report}
+    config = dpo_config(reference.config, beta=beta)
+    policy, _ = dpo.fit(config, reference, pairs_of(parents, config.pairs))
+    return rl_models.frontier_report(policy, reference, "dpo", beta, time.perf_counter() - start)
 
 
 def evaluate_dpo_full(policy: nn.Module, log=print) -> dict:
-    """``evaluate dpo --full``: DPO and PPO at the other KL coefficients of :data:`FRONTIER_BETAS`, each stored in
-    the manifest under ``frontier`` as it finishes (an interrupted evaluation resumes where it stopped)."""
+    """``evaluate dpo --full``: DPO at the other coefficients of :data:`FRONTIER_BETAS` (with ``evaluate ppo
+    --full``, the reward-vs-KL frontier of Chapter 55), each stored under ``frontier`` as it finishes."""
     import functools
 
     from agm import checkpoint
 
-    plan = {f"{method}/beta{beta:g}": functools.partial(frontier_run, method, beta, log=log)
-            for method, betas in FRONTIER_BETAS.items() for beta in betas}
+    plan = {f"dpo/beta{beta:g}": functools.partial(dpo_beta_run, beta, log=log) for beta in FRONTIER_BETAS}
     return {"frontier": checkpoint.fill_cells("dpo", "frontier", plan, log)}
 
 

@@ -131,6 +131,43 @@ def report_samples() -> int:
     return budget(1000, 130)
 
 
+FRONTIER_BETAS = (0.03, 0.3)  # PPO's other KL coefficients, beside the shipped ppo's 0.1
+
+
+def frontier_report(policy: nn.Module, reference: ARTransformer, method: str, beta: float, seconds: float) -> dict:
+    """A point of the reward-vs-KL frontier: :func:`policy_report` on 500 samples (smoke: 130) — the mean hidden
+    score log p_clf(7 | x) as ``reward``, the KL to the reference, the share read as 7, the kit against test
+    sevens — with the method, its KL coefficient and its training seconds."""
+    report = policy_report(policy, reference, FinetuneConfig.target, budget(500, 130), torch.Generator().manual_seed(0))
+    return {"method": method, "beta": beta, "seconds": seconds, **report}
+
+
+def ppo_beta_run(beta: float, log=print) -> dict:
+    """PPO from the shipped reference at KL coefficient ``beta``, otherwise as the shipped ``ppo``."""
+    import time
+
+    from agm import registry
+
+    reference, _ = registry.load_model("ar-transformer")
+    classifier, _ = registry.load_model("classifier")
+    config = config_for("ppo", reference.config)
+    config.kl_coef = beta
+    start = time.perf_counter()
+    policy, _, _ = finetune.finetune(config, reference, classifier, log=log)
+    return frontier_report(policy, reference, "ppo", beta, time.perf_counter() - start)
+
+
+def evaluate_ppo_full(policy: nn.Module, log=print) -> dict:
+    """``evaluate ppo --full``: PPO at the other coefficients of :data:`FRONTIER_BETAS` (with ``evaluate dpo
+    --full``, the reward-vs-KL frontier of Chapter 55), each stored under ``frontier`` as it finishes."""
+    import functools
+
+    from agm import checkpoint
+
+    plan = {f"ppo/beta{beta:g}": functools.partial(ppo_beta_run, beta, log=log) for beta in FRONTIER_BETAS}
+    return {"frontier": checkpoint.fill_cells("ppo", "frontier", plan, log)}
+
+
 def sample(policy: nn.Module, n: int, generator: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
     """``sample NAME``: n unconditional draws of the fine-tuned policy (binary images)."""
     refuse_labels(labels)
@@ -174,6 +211,7 @@ def finetune_table(reference_n: int) -> list[dict]:
     return rows
 
 
+SPECS["ppo"].evaluate_full = evaluate_ppo_full
 SHIPPED = ("reinforce", "kl-policy", "ppo", "trpo")  # the fine-tunes whose checkpoints ship with the book
 for _name in SHIPPED:
     register(SPECS[_name])
