@@ -1,9 +1,11 @@
-r"""The models of Chapters 54–55: ``reward-model``, ``ppo-rm`` (PPO on the learned reward) and ``dpo``.
+r"""The models of Chapters 54–55: ``preference-pairs`` (the data), ``reward-model``, ``ppo-rm`` (PPO on the learned
+reward) and ``dpo``.
 
-All three learn from the same pairs (:func:`agm.preference.pairs.cached_pairs`): samples of the shipped
-``ar-transformer`` labelled by an annotator whose hidden score is the ``classifier``'s log p(7 | x). Both parents
-are therefore required by each. ``ppo-rm`` and ``dpo`` are measured as the fine-tunes of Chapters 50–53 are
-(:func:`agm.rl.models.policy_report`), so that the results page compares them in one table.
+``preference-pairs`` holds 6 000 pairs of samples of the shipped ``ar-transformer`` labelled by an annotator whose
+hidden score is the ``classifier``'s log p(7 | x) (:mod:`agm.preference.pairs`), drawn once and shipped like a
+checkpoint. ``reward-model`` and ``dpo`` learn from it and require it; the last ``held_out`` pairs are never trained
+on. ``ppo-rm`` and ``dpo`` are measured as the fine-tunes of Chapters 50–53 are (:func:`agm.rl.models.policy_report`),
+so that the results page compares them in one table.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from agm.autoregressive.ar_transformer import ARTransformer
 from agm.config import from_dict, to_dict
 from agm.preference import dpo, reward_model
 from agm.preference.dpo import DPOConfig
-from agm.preference.pairs import PreferencePairs, cached_pairs
+from agm.preference.pairs import PairsConfig, PairsData, PreferencePairs, annotator_accuracy, cached_pairs
 from agm.preference.reward_model import RewardModel, RewardModelConfig
 from agm.registry import ModelSpec, TrainResult, register
 from agm.rl import finetune
@@ -23,22 +25,43 @@ from agm.rl import models as rl_models
 from agm.rl.finetune import FinetuneConfig
 from agm.runtime import budget
 
-PAIRS_SEED = 0
 REWARD_HACKING = {"kl_coef": 0.01, "lr": 2e-5}  # ppo-rm: a weak KL penalty, so that the learned reward is pushed
 
 
 def pair_budget() -> dict[str, int]:
-    return {"pairs": budget(6000, 48), "held_out": budget(1000, 8)}
+    """How many pairs the learners read and how many of the last they hold out (smoke: the first few dozen)."""
+    return {"pairs": budget(PairsConfig.pairs, 48), "held_out": budget(1000, 8)}
 
 
 def pairs_of(parents: dict[str, nn.Module], n: int) -> PreferencePairs:
-    return cached_pairs(parents["ar-transformer"], parents["classifier"], n, PAIRS_SEED)
+    """The first n pairs of the ``preference-pairs`` among ``parents``."""
+    return parents["preference-pairs"].pairs(n)
 
 
 def shipped_parents() -> dict[str, nn.Module]:
+    """The shipped reference, classifier and pairs."""
     from agm import registry
 
-    return {name: registry.load_model(name)[0] for name in ("ar-transformer", "classifier")}
+    return {name: registry.load_model(name)[0] for name in ("ar-transformer", "classifier", "preference-pairs")}
+
+
+# preference-pairs ------------------------------------------------------------------------------------------
+
+
+def train_pairs(seed: int = 0, parents: dict | None = None) -> TrainResult:
+    """Draw the pairs (``--seed`` seeds the draw); cached in data/cache by the parents' weights."""
+    config = PairsConfig(pairs=pair_budget()["pairs"], seed=seed, length=parents["ar-transformer"].length)
+    pairs = cached_pairs(parents["ar-transformer"], parents["classifier"], config.pairs, config.seed)
+    return TrainResult(PairsData.of(pairs, config), to_dict(config), steps=1)
+
+
+def evaluate_pairs(data: PairsData) -> dict[str, float]:
+    """The annotator's ceiling over all pairs, and the share of pairs with at least one sample the classifier
+    finds likelier a seven than not."""
+    pairs = data.pairs()
+    half = torch.log(torch.tensor(0.5))
+    return {"pairs": len(pairs), "ceiling": annotator_accuracy(pairs),
+            "with_a_seven": ((pairs.chosen_scores > half) | (pairs.rejected_scores > half)).float().mean().item()}
 
 
 # reward-model ----------------------------------------------------------------------------------------------
@@ -60,7 +83,9 @@ def train_reward_model(seed: int = 0, parents: dict | None = None) -> TrainResul
 
 def evaluate_reward_model(model: RewardModel) -> dict[str, float]:
     """:func:`agm.preference.reward_model.reward_report` on the held-out pairs."""
-    pairs = pairs_of(shipped_parents(), model.config.pairs)
+    from agm import registry
+
+    pairs = registry.load_model("preference-pairs")[0].pairs(model.config.pairs)
     return reward_model.reward_report(model, pairs.split(model.config.held_out)[1])
 
 
@@ -155,9 +180,13 @@ def build_reward_model(config: dict) -> RewardModel:
 
 PARENTS = ("ar-transformer", "classifier")
 SPECS = {
+    "preference-pairs": ModelSpec(
+        name="preference-pairs", chapter=54, build=lambda c: PairsData(from_dict(PairsConfig, c)), train=train_pairs,
+        evaluate=evaluate_pairs, requires=PARENTS, train_minutes=10.0,
+        summary="pairs of ar-transformer samples labelled by a Bradley–Terry annotator scoring sevens (data)"),
     "reward-model": ModelSpec(
         name="reward-model", chapter=54, build=build_reward_model, train=train_reward_model,
-        evaluate=evaluate_reward_model, requires=PARENTS, train_minutes=10.0,
+        evaluate=evaluate_reward_model, requires=("preference-pairs",), train_minutes=2.0,
         summary="Bradley–Terry reward model learned from pairwise preferences between ar-transformer samples"),
     "ppo-rm": ModelSpec(
         name="ppo-rm", chapter=54, build=build_finetune, train=train_ppo_rm, evaluate=rl_models.evaluate,
@@ -165,8 +194,9 @@ SPECS = {
         kit=False, summary="ar-transformer fine-tuned by PPO on the learned reward model (reward hacking)"),
     "dpo": ModelSpec(
         name="dpo", chapter=55, build=build_dpo, train=train_dpo, evaluate=evaluate_dpo, sample=rl_models.sample,
-        samples="binary images", requires=PARENTS, train_minutes=15.0, kit=False, evaluate_full=evaluate_dpo_full,
-        summary="ar-transformer fine-tuned by direct preference optimization on the same pairs"),
+        samples="binary images", requires=(*PARENTS, "preference-pairs"), train_minutes=15.0, kit=False,
+        evaluate_full=evaluate_dpo_full,
+        summary="ar-transformer fine-tuned by direct preference optimization on the pairs"),
 }
 for _spec in SPECS.values():
     register(_spec)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -119,3 +120,42 @@ def cached_pairs(reference: torch.nn.Module, classifier: torch.nn.Module, n: int
     torch.save(pairs.state(), tmp)
     os.replace(tmp, path)
     return pairs
+
+
+@dataclass
+class PairsConfig:
+    pairs: int = 6000  # drawn from the reference; the learners hold the last of them out
+    seed: int = 0  # of the draw and of the annotator's choices
+    length: int = 196  # tokens per sequence
+
+
+class PairsData(nn.Module):
+    """The pairs as a checkpoint the models of Chapters 54–55 require: tokens in 16 symbols stored as uint8
+    buffers, the hidden scores as float32, so that a fresh clone reads them instead of sampling them again."""
+
+    def __init__(self, config: PairsConfig):
+        super().__init__()
+        self.config = config
+        n, T = config.pairs, config.length
+        for name in ("chosen", "rejected"):
+            self.register_buffer(name, torch.zeros(n, T, dtype=torch.uint8))
+        for name in ("chosen_scores", "rejected_scores"):
+            self.register_buffer(name, torch.zeros(n))
+
+    @classmethod
+    def of(cls, pairs: PreferencePairs, config: PairsConfig) -> PairsData:
+        if pairs.chosen.shape != (config.pairs, config.length) or pairs.chosen.max() > 255:
+            raise ValueError(f"expected {config.pairs} pairs of {config.length} tokens in 0..255, got "
+                             f"{list(pairs.chosen.shape)}")
+        data = cls(config)
+        for name, value in pairs.state().items():
+            getattr(data, name).copy_(value)
+        return data
+
+    def pairs(self, n: int | None = None) -> PreferencePairs:
+        """The first n pairs (all by default) with long tokens."""
+        n = len(self.chosen) if n is None else n
+        if not 0 < n <= len(self.chosen):
+            raise ValueError(f"asked for {n} pairs; this draw holds {len(self.chosen)}")
+        return PreferencePairs(self.chosen[:n].long(), self.rejected[:n].long(), self.chosen_scores[:n].float(),
+                               self.rejected_scores[:n].float())

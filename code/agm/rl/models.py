@@ -203,7 +203,7 @@ def finetune_table(reference_n: int) -> list[dict]:
         if name not in TABLE_MODELS or checkpoint.status(name) != "verified":
             continue
         manifest = checkpoint.read_manifest(name)
-        seconds = [h["seconds"] for h in manifest.training.get("history", [])]
+        seconds = [h["seconds"] for h in manifest.training.get("history", []) if "seconds" in h]  # DPO has no rollouts
         rows.append({"model": name, "chapter": spec.chapter,
                      **{label: manifest.metrics.get(key) for key, label in TABLE_COLUMNS.items()},
                      "updates": manifest.steps, "seconds per update": statistics.median(seconds) if seconds else None,
