@@ -52,6 +52,32 @@ def test_euler_on_the_ode_is_unclipped_ddim(steps):
     assert torch.allclose(euler, ddim_sample(model, model.schedule, x_T, steps, clip_denoised=False), atol=1e-4)
 
 
+def test_call_counter_counts_each_samplers_network_calls_and_changes_nothing():
+    """Euler, DDIM and DPM-Solver++ call the network once a step, Heun 2S - 1 times (its last step is Euler)."""
+    from agm.diffusion.diagnostics import CallCounter
+    from agm.diffusion.samplers import dpm_solver_sample
+
+    model = tiny()
+    x_T = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    runs = {"heun": (lambda m: probability_flow_sample(m, model.schedule, x_T, 4, "heun"), 7),
+            "euler": (lambda m: probability_flow_sample(m, model.schedule, x_T, 4, "euler"), 4),
+            "ddim": (lambda m: ddim_sample(m, model.schedule, x_T, 5, clip_denoised=False), 5),
+            "dpm": (lambda m: dpm_solver_sample(m, model.schedule, x_T, 6), 6)}
+    for name, (run, calls) in runs.items():
+        counted = CallCounter(model)
+        out = run(counted)
+        assert counted.calls == calls, name
+        assert torch.equal(out, run(model)), name  # the wrapper passes the network's output through
+
+    class Conditional(nn.Module):  # labels, when given, reach the network
+        def forward(self, x, t, labels=None):
+            return x * 0 if labels is None else x * 0 + labels.view(-1, 1, 1, 1)
+
+    counted = CallCounter(Conditional())
+    assert torch.equal(counted(x_T, torch.zeros(2, dtype=torch.long), torch.tensor([1.0, 2.0]))[:, 0, 0, 0],
+                       torch.tensor([1.0, 2.0])) and counted.calls == 1
+
+
 def test_heun_converges_at_second_order_and_euler_at_first():
     """Data N(0, c²): the exact flow is x̄(σ) = x̄_T √((c² + σ²)/(c² + σ_T²)), so x_0 is known in closed form."""
     c, schedule = 0.5, NoiseSchedule()

@@ -194,6 +194,26 @@ def test_exact_conditional_predictor_is_each_component_alone_and_the_mixture_for
         model(x[:1], tt[:1], torch.tensor([3]))
 
 
+@pytest.mark.parametrize("t", [-1, 0, 300, 999])
+def test_tilted_log_density_is_p_t_times_the_classifier_to_the_power_s(t):
+    """log p_t(x) + s log p_t(k | x) written from normal_log_density: at s = 1 it is log w_k N(x; mu_k, var_k)
+    (the class-conditional density times p(k)), at s = 0 the mixture; t = -1 is the clean data. Catches the
+    wrong noise level, the wrong class, or the scale on the wrong term."""
+    from agm.diffusion.toy import tilted_log_density
+
+    schedule, mix = NoiseSchedule(), two_bumps()
+    abar = 1.0 if t == -1 else schedule.alphas_cumprod[t].item()
+    x = points().reshape(-1)
+    mu, var = math.sqrt(abar) * mix.means, abar * mix.stds**2 + 1 - abar
+    joint = mix.weights.log() + normal_log_density(x[:, None], mu, var)  # (N, K): log w_k N(x; mu_k, var_k)
+    log_p = joint.logsumexp(1)
+    for k in range(2):
+        assert torch.allclose(tilted_log_density(mix, schedule, x, k, 1.0, t), joint[:, k], atol=1e-10)
+        assert torch.allclose(tilted_log_density(mix, schedule, x, k, 0.0, t), log_p, atol=1e-10)
+        expected = log_p + 2.5 * (joint[:, k] - log_p)
+        assert torch.allclose(tilted_log_density(mix, schedule, x, k, 2.5, t), expected, atol=1e-10)
+
+
 @pytest.mark.parametrize("w", [-1.0, 0.0, 0.5, 3.0])
 def test_classifier_free_guidance_is_classifier_guidance_with_the_implicit_classifier(w):
     """(1 + w) eps(x, k) - w eps(x) = eps(x) - (1 + w) sqrt(1 - abar) grad log p_t(k | x) with the exact

@@ -1,5 +1,6 @@
 """Chapter 1's models against closed forms and direct computations."""
 
+import itertools
 import math
 
 import pytest
@@ -9,7 +10,8 @@ from scipy.stats import bernoulli as scipy_bernoulli
 
 from agm import registry
 from agm.data import binarize, mnist
-from agm.foundations.bernoulli import BernoulliConfig, IndependentBernoulli
+from agm.distributions import bernoulli_log_prob
+from agm.foundations.bernoulli import BernoulliConfig, IndependentBernoulli, zero_probability_images
 from agm.foundations.mixture import BernoulliMixture, MixtureConfig, e_step, fit_em, m_step
 
 
@@ -105,6 +107,37 @@ def test_models_reject_bad_images(bad):
         BernoulliMixture(MixtureConfig(components=2)).log_prob(bad)
     with pytest.raises(ValueError, match="components"):
         BernoulliMixture(MixtureConfig(components=0))
+
+
+def test_log_prob_of_gray_levels_is_the_expected_log_likelihood_over_binarizations(generator):
+    """Chapter 1's L-BFGS check and its Monte Carlo check score gray levels: E_{x ~ Bern(g)}[log p(x)], enumerated."""
+    g = torch.rand(3, 4, generator=generator, dtype=torch.float64)  # 3 gray images of 4 pixels
+    probs = torch.rand(4, generator=generator, dtype=torch.float64)
+    states = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4)), dtype=torch.float64)  # (16, 4)
+    weight = (states * g[:, None].log() + (1 - states) * (1 - g[:, None]).log()).sum(-1).exp()  # (3, 16): P(x | g)
+    log_p = (states * probs.log() + (1 - states) * (1 - probs).log()).sum(-1)  # (16,)
+    assert torch.allclose(bernoulli_log_prob(g, probs), (weight * log_p).sum(1), rtol=1e-12)
+
+
+def test_zero_probability_images_are_those_the_unsmoothed_mle_scores_minus_infinity(generator):
+    x_fit = torch.bernoulli(torch.full((50, 1, 28, 28), 0.5), generator=generator)
+    x_fit[:, :, :3] = 0  # rows 0-2 never inked in training
+    x_fit[:, :, 27, 27] = 1  # one pixel always inked
+    x_test = torch.bernoulli(torch.full((400, 1, 28, 28), 0.5), generator=generator)
+    x_test[:, :, :3] = 0
+    x_test[:, :, 27, 27] = 1
+    x_test[:40, :, 1, 5] = 1  # these ink a never-inked pixel
+    x_test[30:60, :, 27, 27] = 0  # these leave the always-inked pixel blank
+    never, impossible = zero_probability_images(x_fit, x_test)
+    assert torch.equal(never, x_fit.sum(0) == 0) and int(never.sum()) == 3 * 28
+    log_p = IndependentBernoulli(BernoulliConfig(alpha=0.0)).fit(x_fit).log_prob(x_test)
+    assert torch.equal(impossible, torch.isneginf(log_p)) and int(impossible.sum()) == 60
+    # with the real digits: fit on few images, some binarized test digits get probability zero
+    x_train, _ = mnist("train")
+    x_bin = binarize(mnist("test")[0][:2000], torch.Generator().manual_seed(0))
+    never, impossible = zero_probability_images(x_train[:1000], x_bin)
+    mle = IndependentBernoulli(BernoulliConfig(alpha=0.0)).fit(x_train[:1000])
+    assert never.sum() > 0 and torch.equal(impossible, torch.isneginf(mle.log_prob(x_bin)))
 
 
 def test_fair_coin_costs_784_ln2_nats():

@@ -18,6 +18,7 @@ from agm.vae.vae import (
     iwae_bound,
     loss,
     optimize_local_posterior,
+    reconstruction_log_likelihood,
     reparameterize,
 )
 
@@ -129,6 +130,21 @@ def test_elbo_of_the_encoders_q_is_the_elbo(digits):
         terms = [elbo_terms(model, digits, torch.Generator().manual_seed(s)) for s in range(400)]
     b = torch.stack([t["reconstruction"] - t["kl"] for t in terms]).mean(0)
     assert torch.allclose(a, b, atol=0.5)
+
+
+def test_reconstruction_log_likelihood_is_the_bernoulli_log_pmf_per_draw_and_image(digits, generator):
+    """f_b(z) = log p(x_b | z) for draws (n, B, L), against torch.distributions.Bernoulli pixel by pixel."""
+    model = small().eval()
+    z = torch.randn(3, len(digits), 4, generator=generator)  # (n, B, L)
+    with torch.no_grad():
+        values = reconstruction_log_likelihood(model, digits, z)
+        ref = torch.stack([torch.distributions.Bernoulli(logits=model.decoder(z[i]).view(-1, 1, 28, 28))
+                           .log_prob(digits).flatten(1).sum(1) for i in range(3)])  # (n, B)
+    assert values.shape == (3, len(digits)) and torch.allclose(values, ref, rtol=1e-5)
+    # each value is its own image's: permuting the images permutes the values
+    perm = torch.randperm(len(digits), generator=generator)
+    with torch.no_grad():
+        assert torch.allclose(reconstruction_log_likelihood(model, digits[perm], z[:, perm]), values[:, perm])
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from agm.vae.quantizer import (
     straight_through,
     vq_losses,
 )
-from agm.vae.vqvae import VQVAE, VQVAEConfig, loss, training_pairs
+from agm.vae.vqvae import VQVAE, VQVAEConfig, decoder_nll, loss, training_pairs
 
 
 def tiny(**kw) -> VQVAE:
@@ -226,6 +226,22 @@ def test_training_overfits_one_batch_and_uses_the_codebook():
         first = first or terms["distortion"].mean().item()
     assert terms["distortion"].mean().item() < 0.6 * first
     assert len(terms["indices"].unique()) > 1
+
+
+def test_decoder_nll_is_the_bernoulli_nll_of_the_decoder_reading_a_channels_last_grid(generator):
+    model = tiny().eval()
+    x = binarize(mnist("test")[0][:4], generator)
+    z = torch.randn(4, 7, 7, 3, generator=generator)  # (B, 7, 7, D), a grid that is not the encoder's
+    with torch.no_grad():
+        nll = decoder_nll(model, z, x)
+        probs = torch.sigmoid(model.decoder(z.permute(0, 3, 1, 2)))  # the decoder reads channels first
+        ref = -(x * probs.log() + (1 - x) * (1 - probs).log()).sum((1, 2, 3))
+        assert nll.shape == (4,) and torch.allclose(nll, ref, rtol=1e-5)
+        # at z = z_e + sg[z_q - z_e] it is the distortion term of the loss
+        _, terms = loss(model, x)
+        z_e = model.encode(x)
+        z_q, _ = quantize(z_e, model.quantizer.codebook)
+        assert torch.allclose(decoder_nll(model, straight_through(z_e, z_q), x), terms["distortion"], rtol=1e-6)
 
 
 def test_gray_target_is_the_expected_nll_of_a_fresh_binarization(generator):

@@ -125,6 +125,28 @@ def training_loss(model: DDPM, x0: torch.Tensor, generator: torch.Generator | No
     return mse.mean(), {"t": t, "mse": mse.detach()}
 
 
+def stratified_timesteps(num_timesteps: int, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One timestep in each of ``batch`` equal ranges of 0..T-1, uniform within its range: (B,).
+
+    Pooled over the batch every t is equally likely, so a mean over the batch stays unbiased for L_simple;
+    the variance between the ranges drops out of it.
+    """
+    # $r_b \sim \mathcal U\{0..T-1\}$, $t_b = \lfloor (bT + r_b) / B \rfloor \in [\lfloor bT/B \rfloor, (b+1)T/B)$
+    # (pooled over b, every t is hit by exactly B of the BT pairs $(b, r_b)$)
+    r = torch.randint(num_timesteps, (batch,), generator=generator)
+    return (torch.arange(batch) * num_timesteps + r) // batch
+
+
+def stratified_training_loss(model: DDPM, x0: torch.Tensor,
+                             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`training_loss` with the timesteps of :func:`stratified_timesteps` (unconditional models)."""
+    t = stratified_timesteps(model.schedule.num_timesteps, len(x0), generator).to(x0.device)  # (B,)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # (B, C, H, W)
+    # $\frac1B\sum_b \|\epsilon_b - \epsilon_\theta(x_{t_b}, t_b)\|^2$, one $t_b$ per stratum
+    mse = prediction_error(model, x0, t, eps)  # (B,)
+    return mse.mean(), {"t": t, "mse": mse.detach()}
+
+
 class LossPerTimestep:
     """Running mean of the ε-MSE in ``bins`` equal ranges of t."""
 

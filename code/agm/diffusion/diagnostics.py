@@ -1,13 +1,17 @@
 """Measurements of a trained noise-prediction network: where its output looks and what it costs (Chapter 30),
-and its errors per timestep in each parameterization (Chapter 39)."""
+how many calls a sampler makes of it (Chapters 33 and 38), how far DPM-Solver++'s last extrapolation misses
+(Chapter 38), and its errors per timestep in each parameterization (Chapter 39)."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 from torch import nn
 
+from agm.diffusion.samplers import dpm_solver_sample, sigma_ve
+from agm.diffusion.schedule import NoiseSchedule
 from agm.nn.attention import SelfAttention
 
 
@@ -90,6 +94,48 @@ def cost_per_resolution(model: nn.Module, x: torch.Tensor, t: torch.Tensor, repe
         row["seconds"] += times[m]
         row["layers"] += 1
     return dict(sorted(rows.items(), reverse=True))
+
+
+class CallCounter(nn.Module):
+    """The same network, counting in ``calls`` how often it is evaluated: a sampler's cost in network calls."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls += 1
+        return self.model(x, t) if labels is None else self.model(x, t, labels)
+
+
+@torch.no_grad()
+def multistep_line_miss(model: nn.Module, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int) -> float:
+    r"""How far DPM-Solver++(2M)'s line through its last two data predictions misses at the end of the step into 0.
+
+    The solver runs ``steps`` steps from ``x_T``; $r < t$ are its last two timesteps above 0. The line through
+    $(\lambda_r, D_r)$ and $(\lambda_t, D_t)$, taken to $\lambda_0$, is set against $D_0$, the data prediction at the
+    state the step reaches: the root-mean-square difference relative to that of $D_0$ (Chapter 38).
+    """
+    if steps < 3:
+        raise ValueError(f"need steps >= 3 for two timesteps above 0, got {steps}")
+    seen: dict[int, torch.Tensor] = {}  # the state at each timestep (the callback's index is the timestep + 1)
+    dpm_solver_sample(model, schedule, x_T, steps, callback=lambda i, x: seen.update({i - 1: x}))
+    r, t = schedule.timesteps(steps).flip(0).tolist()[-3:-1]
+
+    def lam(k: int) -> float:
+        # $\lambda_k = \log(\alpha_k / \sigma_k) = -\log\bar\sigma_k$
+        return -math.log(sigma_ve(schedule, k).item())
+
+    def data_prediction(x: torch.Tensor, k: int) -> torch.Tensor:
+        a = schedule.alpha_bar(k)
+        # $D_\theta(x_k, k) = (x_k - \sqrt{1-\bar\alpha_k}\,\epsilon_\theta(x_k, k)) / \sqrt{\bar\alpha_k}$
+        return (x - (1 - a).sqrt() * model(x, torch.full((len(x),), k, device=x.device))) / a.sqrt()
+
+    d_r, d_t, d_0 = data_prediction(seen[r], r), data_prediction(seen[t], t), data_prediction(seen[0], 0)
+    # the line at $\lambda_0$: $D_t + (D_t - D_r)\,(\lambda_0 - \lambda_t) / (\lambda_t - \lambda_r)$
+    line = d_t + (d_t - d_r) * (lam(0) - lam(t)) / (lam(t) - lam(r))
+    # $\mathrm{RMS}(\text{line} - D_0) \,/\, \mathrm{RMS}(D_0)$
+    return ((line - d_0) ** 2).mean().sqrt().item() / (d_0**2).mean().sqrt().item()
 
 
 @torch.no_grad()

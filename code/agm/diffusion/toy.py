@@ -7,7 +7,7 @@ transition against the truth.
 
 :class:`ComponentPosterior` and :class:`ExactConditionalNoisePredictor`: the mixture's components read as
 classes, with the exact classifier p_t(k | x_t) and the exact class-conditional ε, the oracles of guidance
-(Chapter 35).
+(Chapter 35); :func:`tilted_log_density` is the family p_t(x) p_t(k | x)^s that guidance at scale s follows.
 
 :class:`LinearGaussianReverse`: a reverse chain whose steps are Gaussian with means linear in x_t; every
 distribution of the chain is Gaussian, so log p(x_0), each term of the DDPM bound and the gap of the
@@ -135,6 +135,19 @@ class ComponentPosterior(nn.Module):
         abar = _one_timestep(self.schedule, x, t)
         # $\log p_t(k \mid x) = \log w_k\,\mathcal N(x; \mu_k, \sigma_k^2) - \log q_t(x)$
         return self.mixture.log_components(x.reshape(-1), abar)[0].log_softmax(1).to(x.dtype)
+
+
+def tilted_log_density(mixture: GaussianMixture1D, schedule: NoiseSchedule, x: torch.Tensor, label: int,
+                       scale: float, t: int) -> torch.Tensor:
+    r"""$\log p_t(x) + s \log p_t(k \mid x)$ at points x (N,): the guided family $\pi^s_t$, unnormalized, (N,).
+
+    The components of ``mixture`` are the classes, k = ``label``, s = ``scale``; t = -1 is the clean data.
+    """
+    abar = schedule.alpha_bar(t).item()
+    log_joint = mixture.log_components(x, abar)[0]  # (N, K): log w_k N(x; mu_k, var_k) at level abar
+    # $\log p_t(k \mid x) = \log w_k\,\mathcal N(x; \mu_k, \sigma_k^2) - \log p_t(x)$: Bayes' rule, a log-softmax over k
+    # $\log \pi^s_t(x) = \log p_t(x) + s \log p_t(k \mid x) + \mathrm{const}$
+    return log_joint.logsumexp(1) + scale * log_joint.log_softmax(1)[:, label]
 
 
 class ExactConditionalNoisePredictor(nn.Module):

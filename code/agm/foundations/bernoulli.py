@@ -45,6 +45,17 @@ class IndependentBernoulli(nn.Module):
         return torch.bernoulli(self.probs.expand(n, 1, 28, 28), generator=generator)
 
 
+def zero_probability_images(x_fit: torch.Tensor, x_test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unsmoothed MLE (alpha = 0) fitted to ``x_fit``: the pixels it never inks, ``[1, 28, 28]`` bool, and the
+    binary images of ``x_test`` it gives probability zero (an infinite NLL), ``[N]`` bool."""
+    check_images(x_test, "x_test")
+    probs = IndependentBernoulli(BernoulliConfig(alpha=0.0)).fit(x_fit).probs
+    # $\hat\mu_d = 0$ (never inked) and $x_d = 1$, or $\hat\mu_d = 1$ (always inked) and $x_d = 0$: a factor of zero
+    zero_factor = ((probs == 0) & (x_test > 0)) | ((probs == 1) & (x_test < 1))
+    # $p(x) = \prod_d \hat\mu_d^{x_d}(1 - \hat\mu_d)^{1 - x_d} = 0$ iff some factor is zero
+    return probs == 0, zero_factor.flatten(1).any(1)
+
+
 def build(config: dict) -> IndependentBernoulli:
     return IndependentBernoulli(BernoulliConfig(**config))
 

@@ -79,6 +79,16 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, k: int = 1,
     return mu + (0.5 * logvar).exp() * eps
 
 
+def reconstruction_log_likelihood(model: VAE, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """log p(x_b | z) of each image x (B, 1, 28, 28) under the decoder at draws z (..., B, L): (..., B).
+
+    With the decoder fixed, ``functools.partial(reconstruction_log_likelihood, model, x)`` is the integrand
+    f_b(z) of the reconstruction term E_q[log p(x_b | z)], in the form the estimators of Chapter 19 take.
+    """
+    # $f_b(z) = \log p_\theta(x_b \mid z) = \sum_d x_{bd}\log\sigma(\ell_d) + (1 - x_{bd})\log(1 - \sigma(\ell_d))$
+    return bernoulli_log_likelihood(model.decode(z), x)
+
+
 def elbo_terms(model: VAE, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Per image: the reconstruction term E_q[log p(x|z)] (one sample) and the closed-form KL (the rate)."""
     mu, logvar = model.encode(x)

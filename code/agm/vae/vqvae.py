@@ -140,6 +140,16 @@ class VQVAE(nn.Module):
 
 # -- training -----------------------------------------------------------------------------------------
 
+def decoder_nll(model: VQVAE, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log p(target | z) in nats per image, the decoder reading the grid z (B, 7, 7, D) directly: (B,).
+
+    At z = z_e + sg[z_q - z_e] it is the distortion term of :func:`loss`; as a function of z, the decoder's loss
+    l(z) whose gradient at z_q the straight-through estimator hands to the encoder (Chapter 23).
+    """
+    # $\ell(z) = -\log p_\theta(x \mid z)$, Bernoulli pixels with logits $\mathrm{dec}_\theta(z)$
+    return -bernoulli_log_likelihood(model.decode(z), target)
+
+
 def loss(model: VQVAE, x: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The batch mean of -log p(target|z_q(x)) + [codebook term, codebook loss only] + commitment term.
 
