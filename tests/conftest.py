@@ -16,9 +16,22 @@ def _mnist_present():
 
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
-    """Honour AGM_THREADS in tests as the command line does (default: every core, shared among xdist workers)."""
+    """Honour AGM_THREADS in tests as the command line does (default: every core, shared among xdist workers).
+
+    The share is written to AGM_THREADS, which ``python -m agm train`` and ``evaluate`` read: else each call of
+    ``main`` in a test would give its worker every core, and two workers on two cores would run four threads."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    set_threads(None if "AGM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // workers))
+    os.environ.setdefault("AGM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    set_threads()
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """A test that sets torch's thread count itself gives the session's count back."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from agm.diffusion.ddpm import (
     bound_terms,
     sample,
     sample_chain,
+    stratified_timesteps,
+    stratified_training_loss,
     training_loss,
 )
 from agm.diffusion.samplers import ancestral_sample, ddim_sample, ddim_step
@@ -235,6 +237,43 @@ def test_training_loss_is_l_simple_and_reports_timesteps():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_stratified_timesteps_draw_one_t_per_stratum_and_every_t_equally_often_pooled():
+    assert torch.equal(stratified_timesteps(50, 50, torch.Generator().manual_seed(0)), torch.arange(50))
+    T, B, n = 10, 3, 20_000  # B does not divide T: strata of 3 or 4 timesteps
+    g = torch.Generator().manual_seed(1)
+    draws = torch.stack([stratified_timesteps(T, B, g) for _ in range(n)])  # (n, B)
+    b = torch.arange(B)
+    assert ((draws >= b * T // B) & (draws * B < (b + 1) * T)).all()  # t_b in [floor(bT/B), (b+1)T/B)
+    counts = torch.bincount(draws.flatten(), minlength=T).double()
+    expected = n * B / T
+    assert ((counts - expected).abs() < 5 * math.sqrt(expected)).all(), counts
+
+
+def test_stratified_training_loss_is_unbiased_and_less_noisy_when_the_error_depends_on_t():
+    model = tiny(num_timesteps=100)
+    x0 = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    loss, logs = stratified_training_loss(model, x0, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    t = stratified_timesteps(100, 8, g)
+    eps = torch.randn(x0.shape, generator=g)
+    abar = model.schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    with torch.no_grad():
+        expected = ((model(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t) - eps) ** 2).mean()
+    assert torch.equal(logs["t"], t) and loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    class Echo(nn.Module):  # predicts x_t itself: an error that changes strongly with t
+        def forward(self, x, t, labels=None):
+            return x
+
+    model.net = Echo()
+    g_u, g_s = torch.Generator().manual_seed(2), torch.Generator().manual_seed(3)
+    uniform = torch.tensor([training_loss(model, x0, g_u)[0].item() for _ in range(300)])
+    stratified = torch.tensor([stratified_training_loss(model, x0, g_s)[0].item() for _ in range(300)])
+    se = math.sqrt((uniform.var() + stratified.var()).item() / 300)
+    assert abs(uniform.mean().item() - stratified.mean().item()) < 5 * se
+    assert stratified.var() < 0.2 * uniform.var()
+
+
 def test_loss_per_timestep_bins():
     tracker = LossPerTimestep(100, bins=4)
     tracker.add(torch.tensor([0, 10, 30, 99]), torch.tensor([1.0, 3.0, 5.0, 7.0]))
@@ -258,9 +297,10 @@ def test_monte_carlo_bound_is_unbiased_for_the_exact_sum():
 def test_exact_small_timesteps_keep_the_estimate_unbiased():
     model = tiny(num_timesteps=4)
     images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    exact = torch.stack([bound_terms(model, images, torch.Generator().manual_seed(s))["total"] for s in range(30)])
-    mixed = torch.stack([bound_terms(model, images, torch.Generator().manual_seed(500 + s), timesteps_per_image=1,
-                                     exact_below=2)["total"] for s in range(120)])
+    # 30 exact and 120 mixed estimates of each image, as independent rows of one batch each (draws, 2)
+    exact = bound_terms(model, images.repeat(30, 1, 1, 1), torch.Generator().manual_seed(0))["total"].view(30, 2)
+    mixed = bound_terms(model, images.repeat(120, 1, 1, 1), torch.Generator().manual_seed(500), timesteps_per_image=1,
+                        exact_below=2)["total"].view(120, 2)
     se = (exact.var(0) / len(exact) + mixed.var(0) / len(mixed)).sqrt()
     assert ((exact.mean(0) - mixed.mean(0)).abs() < 4 * se).all()
     with pytest.raises(ValueError, match="exact_below"):
@@ -382,6 +422,32 @@ def test_dpm_solver_solves_the_probability_flow_ode_of_gaussian_data():
     (dpm_200, ddim_200), (dpm_1000, ddim_1000) = errors(200), errors(1000)
     assert dpm_200 < ddim_200 / 4 and dpm_1000 < 1e-3
     assert dpm_200 / dpm_1000 > 12 and 3 < ddim_200 / ddim_1000 < 8  # 5x the steps: ~25x and ~5x
+
+
+def test_multistep_line_miss_is_the_interpolation_error_of_a_quadratic_in_lambda():
+    """A model whose data prediction is D = f(λ_t): the line through the last two D's misses f at λ_0 by
+    the interpolation error, (λ_0 - λ_r)(λ_0 - λ_t) for f = λ², and not at all for f linear."""
+    from agm.diffusion.diagnostics import multistep_line_miss
+
+    schedule = NoiseSchedule()
+    ab = schedule.alphas_cumprod
+
+    def with_data_prediction(f):
+        class Prescribed(nn.Module):  # ε = (x_t - sqrt(ab) D) / sqrt(1 - ab), so that D_θ(x_t, t) = f(λ_t)
+            def forward(self, x, t, labels=None):
+                a = ab[t].view(-1, 1, 1, 1).to(x.dtype)
+                return (x - a.sqrt() * f(0.5 * (a / (1 - a)).log())) / (1 - a).sqrt()
+
+        return Prescribed()
+
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lam = lambda k: 0.5 * math.log(ab[k] / (1 - ab[k]))  # noqa: E731
+    lam_r, lam_t, lam_0 = lam(222), lam(111), lam(0)  # 10 steps over T = 1000: ..., 222, 111, 0
+    miss = multistep_line_miss(with_data_prediction(lambda l: l**2), schedule, x_T, 10)
+    assert miss == pytest.approx(abs((lam_0 - lam_r) * (lam_0 - lam_t)) / lam_0**2, rel=1e-9)
+    assert multistep_line_miss(with_data_prediction(lambda l: 0.3 + 0.2 * l), schedule, x_T, 10) < 1e-12
+    with pytest.raises(ValueError, match="steps >= 3"):
+        multistep_line_miss(with_data_prediction(lambda l: l), schedule, x_T, 2)
 
 
 def _exact_gaussian_model(schedule: NoiseSchedule, c: float) -> nn.Module:
