@@ -37,3 +37,23 @@ def _keep_threads():
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """A small untrained policy of the fine-tunes' shape (16-symbol tokens, 196 per image): the reference of the
+    tests of Chapters 50–55."""
+    from agm.autoregressive.ar_transformer import ARConfig, ARTransformer
+
+    torch.manual_seed(0)
+    return ARTransformer(ARConfig(width=16, layers=1, heads=2)).eval()
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    """A small untrained MNIST classifier, the shape of the kit's: the reward of the tests of Chapters 50–55."""
+    from agm.classifier import ClassifierConfig, MNISTClassifier
+
+    torch.manual_seed(0)
+    return MNISTClassifier(ClassifierConfig(width=4, features=8)).eval()
+

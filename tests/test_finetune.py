@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from agm.autoregressive.ar_transformer import ARConfig, ARTransformer
-from agm.classifier import ClassifierConfig, MNISTClassifier
+from agm.autoregressive.ar_transformer import ARConfig
 from agm.rl import finetune
 from agm.rl.finetune import DigitReward, FinetuneConfig, PPOConfig, TRPOConfig
 from agm.rl.kl import kl_full
@@ -148,16 +147,6 @@ def test_conjugate_gradient_solves_the_explicit_fisher_system_of_a_small_policy(
 SMALL = ARConfig(width=16, layers=1, heads=2)
 
 
-@pytest.fixture(scope="module")
-def reference():
-    torch.manual_seed(0)
-    return ARTransformer(SMALL).eval()
-
-
-@pytest.fixture(scope="module")
-def classifier():
-    torch.manual_seed(0)
-    return MNISTClassifier(ClassifierConfig(width=4, features=8)).eval()
 
 
 def small_config(method: str, **changes) -> FinetuneConfig:

@@ -9,8 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from agm.autoregressive.ar_transformer import ARConfig, ARTransformer, detokenize, tokenize
-from agm.classifier import ClassifierConfig, MNISTClassifier
+from agm.autoregressive.ar_transformer import ARConfig, detokenize, tokenize
 from agm.preference import dpo, pairs, reward_model
 from agm.preference.losses import dpo_loss
 from agm.preference.pairs import PreferencePairs, annotator_accuracy, label_pairs
@@ -21,16 +20,6 @@ from agm.rl.finetune import FinetuneConfig, PPOConfig
 SMALL = ARConfig(width=16, layers=1, heads=2)
 
 
-@pytest.fixture(scope="module")
-def reference():
-    torch.manual_seed(0)
-    return ARTransformer(SMALL).eval()
-
-
-@pytest.fixture(scope="module")
-def classifier():
-    torch.manual_seed(0)
-    return MNISTClassifier(ClassifierConfig(width=4, features=8)).eval()
 
 
 def random_tokens(n: int, seed: int) -> torch.Tensor:
