@@ -208,9 +208,40 @@ CFG = [Setting(**GUIDED_SAMPLER, guidance=w) for w in GUIDANCE_WEIGHTS]
 CLASSIFIER = [Setting(**GUIDED_SAMPLER, classifier_scale=s) for s in CLASSIFIER_SCALES]
 
 
+# Chapter 32: what the network's width and the length of its training buy, each varied alone at a small budget.
+# The shipped ddpm (16 channels, 4000 steps) is the third point, measured by the same cell in CLIPPING.
+SCALE_KEY = "scale_cells"
+SCALE_RUNS = {"channels8-steps1000": (8, 1000), "channels16-steps1000": (16, 1000)}
+SCALE_SETTING = Setting("ancestral", ddpm.EVAL_STEPS, False)  # the sampler of the shipped metrics
+
+
+def scale_run(channels: int, steps: int, log=print) -> dict:
+    """Train ``ddpm`` with ``channels`` base channels for ``steps`` steps (everything else as shipped) and measure
+    it as the seed-0 cell of :data:`SCALE_SETTING`: the kit on N_SAMPLES samples, with the training seconds."""
+    from agm.nn.unet import UNetConfig, parameter_count
+
+    config = ddpm.DDPMConfig(unet=replace(UNetConfig(), channels=channels),
+                             train=replace(ddpm.default_training(), steps=budget(steps, 2)))
+    start = time.perf_counter()
+    model, _, diagnostics = ddpm.fit(config, log=log)
+    seconds = time.perf_counter() - start
+    cell = measure(model, SCALE_SETTING, 0, budget(N_SAMPLES, 200))
+    return {"channels": channels, "steps": config.train.steps, "parameters": parameter_count(model),
+            "train_seconds": seconds, "final_loss": diagnostics["history"][-1]["loss"], **cell}
+
+
+def evaluate_scale(log=print) -> dict:
+    """The cells of :data:`SCALE_RUNS`, stored in the ddpm manifest under :data:`SCALE_KEY` as each finishes."""
+    import functools
+
+    plan = {key: functools.partial(scale_run, c, s, log=log) for key, (c, s) in SCALE_RUNS.items()}
+    return checkpoint.fill_cells("ddpm", SCALE_KEY, plan, log)
+
+
 def evaluate_full(model: nn.Module) -> dict:
-    """``evaluate ddpm --full``: the clipping table (Chapters 31-32) and the steps table (Chapter 40)."""
-    return {KEY: fill("ddpm", model, CLIPPING + STEPS)}
+    """``evaluate ddpm --full``: the width and training-length runs (Chapter 32), the clipping table (Chapters
+    31-32) and the steps table (Chapter 40)."""
+    return {SCALE_KEY: evaluate_scale(), KEY: fill("ddpm", model, CLIPPING + STEPS)}
 
 
 def evaluate_cfg_full(model: nn.Module) -> dict:
