@@ -185,3 +185,17 @@ def test_clipping_drift_separates_the_variants_when_clipping_bites():
     x_T = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     by = {(r["steps"], r["variant"]): r["rms"] for r in evaluations.clipping_drift(model, x_T, (10,), 10)}
     assert abs(by[10, "eps kept"] - by[10, "eps re-derived"]) > 1e-3
+
+
+def test_the_width_and_length_runs_change_only_the_width_and_the_training_steps():
+    """Chapter 32 compares them with the shipped ddpm: at its width and length the configuration is the shipped one."""
+    from agm.config import to_dict
+    from agm.diffusion import ddpm
+    from agm.diffusion.evaluations import SCALE_RUNS, scale_config
+
+    shipped = ddpm.DDPMConfig()
+    assert to_dict(scale_config(shipped.unet.channels, shipped.train.steps)) == to_dict(shipped)
+    for channels, steps in SCALE_RUNS.values():
+        changed = to_dict(scale_config(channels, steps))
+        changed["unet"]["channels"], changed["train"]["steps"] = shipped.unet.channels, shipped.train.steps
+        assert changed == to_dict(shipped)

@@ -215,13 +215,20 @@ SCALE_RUNS = {"channels8-steps1000": (8, 1000), "channels16-steps1000": (16, 100
 SCALE_SETTING = Setting("ancestral", ddpm.EVAL_STEPS, False)  # the sampler of the shipped metrics
 
 
+def scale_config(channels: int, steps: int) -> ddpm.DDPMConfig:
+    """The shipped ddpm's configuration with ``channels`` base channels and ``steps`` training steps."""
+    from agm.nn.unet import UNetConfig
+
+    return ddpm.DDPMConfig(unet=replace(UNetConfig(), channels=channels),
+                           train=replace(ddpm.default_training(), steps=steps))
+
+
 def scale_run(channels: int, steps: int, log=print) -> dict:
     """Train ``ddpm`` with ``channels`` base channels for ``steps`` steps (everything else as shipped) and measure
     it as the seed-0 cell of :data:`SCALE_SETTING`: the kit on N_SAMPLES samples, with the training seconds."""
-    from agm.nn.unet import UNetConfig, parameter_count
+    from agm.nn.unet import parameter_count
 
-    config = ddpm.DDPMConfig(unet=replace(UNetConfig(), channels=channels),
-                             train=replace(ddpm.default_training(), steps=budget(steps, 2)))
+    config = scale_config(channels, budget(steps, 2))
     start = time.perf_counter()
     model, _, diagnostics = ddpm.fit(config, log=log)
     seconds = time.perf_counter() - start
