@@ -260,3 +260,12 @@ def test_best_seconds_is_the_shortest_of_the_repeats_and_refuses_none():
     assert best_seconds(lambda: calls.append(1), repeats=3) >= 0 and len(calls) == 3
     with pytest.raises(ValueError, match="repeats"):
         best_seconds(lambda: None, repeats=0)
+
+
+def test_a_frontier_point_is_dominated_only_by_a_higher_reward_at_a_lower_kl():
+    """By hand: (reward -1, KL 5) is beaten by (-0.5, 4); (-1, 3) by nothing (the other point is further away);
+    ties in either coordinate do not dominate."""
+    from agm.rl.models import dominated
+
+    assert dominated([-1.0, -1.0], [5.0, 3.0], [-0.5], [4.0]).tolist() == [True, False]
+    assert dominated([-1.0], [5.0], [-1.0, -0.5], [4.0, 5.0]).tolist() == [False]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -140,6 +141,13 @@ def frontier_report(policy: nn.Module, reference: ARTransformer, method: str, be
     sevens — with the method, its KL coefficient and its training seconds."""
     report = policy_report(policy, reference, FinetuneConfig.target, budget(500, 130), torch.Generator().manual_seed(0))
     return {"method": method, "beta": beta, "seconds": seconds, **report}
+
+
+def dominated(reward, kl, other_reward, other_kl) -> np.ndarray:
+    """For each point (reward[i], kl[i]) of one frontier, whether a point of another reaches a higher reward at a
+    lower KL to the reference (bool, one per point)."""
+    reward, kl = np.asarray(reward, float)[:, None], np.asarray(kl, float)[:, None]
+    return ((np.asarray(other_reward, float)[None] > reward) & (np.asarray(other_kl, float)[None] < kl)).any(1)
 
 
 def ppo_beta_run(beta: float, log=print) -> dict:
