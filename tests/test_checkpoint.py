@@ -75,3 +75,15 @@ def test_shipped_checkpoints_verify():
 
     for name in registry.all_specs():
         assert checkpoint.status(name) == "verified", f"{name}: run python -m agm train {name}"
+
+
+def test_fill_cells_keeps_the_cells_another_process_stored_meanwhile(tmp_path):
+    save_example(tmp_path)
+
+    def measure_while_another_fills():  # a second filler stores cell "b" while this one measures "a"
+        checkpoint.update_metrics("toy", {"cells": {"b": {"value": 2}}}, tmp_path)
+        return {"value": 1}
+
+    cells = checkpoint.fill_cells("toy", "cells", {"a": measure_while_another_fills}, lambda _: None, tmp_path)
+    assert cells == {"a": {"value": 1}, "b": {"value": 2}}
+    assert checkpoint.read_manifest("toy", tmp_path).metrics["cells"] == cells

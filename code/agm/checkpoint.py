@@ -159,15 +159,18 @@ def fill_cells(name: str, key: str, plan: dict[str, Callable[[], dict]], log: Ca
                directory: Path | None = None) -> dict[str, dict]:
     """Measure each cell of ``plan`` that the manifest of ``name`` lacks under ``metrics[key]``, storing
     each as soon as it is done, so that an expensive evaluation stopped at any point resumes where it
-    stopped. Returns every cell stored under ``key``."""
-    cells = dict(read_manifest(name, directory).metrics.get(key, {}))
+    stopped. Each cell is merged into the cells stored at the time it is written, so processes filling
+    different cells of one manifest keep each other's. Returns every cell stored under ``key``."""
+    def stored() -> dict[str, dict]:
+        return dict(read_manifest(name, directory).metrics.get(key, {}))
+
     for cell, measure in plan.items():
-        if cell in cells:
+        if cell in stored():
             continue
         log(f"{name}: {key} {cell} ...")
-        cells[cell] = measure()
-        update_metrics(name, {key: cells}, directory)
-    return cells
+        result = measure()
+        update_metrics(name, {key: stored() | {cell: result}}, directory)
+    return stored()
 
 
 def update_metrics(name: str, metrics: dict[str, Any], directory: Path | None = None) -> Manifest:

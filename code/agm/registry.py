@@ -36,6 +36,7 @@ MODEL_MODULES = [
     "agm.diffusion.ddpm_prediction",
     "agm.diffusion.latent",
     "agm.diffusion.noise_classifier",
+    "agm.autoregressive.made",
     "agm.autoregressive.ar_transformer",
     "agm.rl.models",
     "agm.preference.models",

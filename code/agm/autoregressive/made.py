@@ -30,7 +30,7 @@ from torch import nn
 
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import check_images
-from agm.registry import ModelSpec, TrainResult, refuse_labels
+from agm.registry import ModelSpec, TrainResult, refuse_labels, register
 from agm.train import fit_examples
 
 D = 28 * 28
@@ -231,9 +231,9 @@ def add_sample_options(parser) -> None:
     parser.add_argument("--mask", type=int, default=0, help="which of the trained masks (orderings) draws")
 
 
-# registered (agm.registry.MODEL_MODULES and register(SPEC)) once its checkpoint ships
 SPEC = ModelSpec(
     name="made", chapter=42, summary="MADE: one masked hidden layer of 500 over 784 binary pixels, 32 masks",
     build=build, train=train, sample=sample, evaluate=evaluate, train_minutes=60.0,
     add_sample_options=add_sample_options, samples="binary images",
 )
+register(SPEC)
