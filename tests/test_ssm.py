@@ -1,10 +1,12 @@
 """State-space layers: the discretization, the two modes of S4D, the selective scan, and the token model."""
 
+import math
+
 import pytest
 import torch
 
 from agm.autoregressive.ar_transformer import tokenize
-from agm.ssm.layers import S4D, SelectiveSSM, discretize_zoh
+from agm.ssm.layers import S4D, SelectiveSSM, discretize_zoh, parallel_scan, sequential_scan
 from agm.ssm.model import SSMConfig, SSMModel
 
 
@@ -108,3 +110,70 @@ def test_token_model_refuses_bad_input():
         SSMConfig(kind="lstm")
     with pytest.raises(ValueError, match="state must be even"):
         S4D(4, 5)
+
+
+def test_parallel_scan_equals_the_sequential_recurrence_at_lengths_that_are_not_powers_of_two():
+    g = torch.Generator().manual_seed(3)
+    for length in (1, 2, 5, 16, 37):
+        decay = torch.rand(2, length, 3, 4, generator=g, dtype=torch.float64)
+        drive = torch.randn(2, length, 3, 4, generator=g, dtype=torch.float64)
+        h, expected = torch.zeros(2, 3, 4, dtype=torch.float64), []
+        for t in range(length):  # $h_t = a_t h_{t-1} + b_t$, $h_{-1} = 0$
+            h = decay[:, t] * h + drive[:, t]
+            expected.append(h)
+        expected = torch.stack(expected, 1)
+        assert torch.allclose(sequential_scan(decay, drive), expected, atol=1e-12)
+        assert torch.allclose(parallel_scan(decay, drive), expected, atol=1e-12)
+
+
+def test_selective_layer_gives_the_same_outputs_and_gradients_with_either_scan():
+    torch.manual_seed(4)
+    layer = SelectiveSSM(5, state=3).double()
+    x = torch.randn(2, 11, 5, dtype=torch.float64, requires_grad=True)
+    outputs, grads = {}, {}
+    for scan in ("sequential", "parallel"):
+        layer.scan = scan
+        outputs[scan] = layer(x)
+        grads[scan] = torch.autograd.grad(outputs[scan].square().sum(), [x, layer.A_log])
+    assert torch.allclose(outputs["sequential"], outputs["parallel"], atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads["sequential"], grads["parallel"], strict=True))
+    with pytest.raises(ValueError, match="scan must be one of"):
+        SelectiveSSM(5, scan="blelloch")
+
+
+@pytest.mark.parametrize("kind", ["s4d", "selective"])
+def test_the_ssms_train_at_the_budget_of_the_transformer_baseline_they_are_compared_with(kind):
+    from agm.autoregressive.ablations import variant_config
+    from agm.ssm.model import budget_config
+
+    ssm, transformer = budget_config(kind, seed=2), variant_config("pre-LN", seed=2)
+    assert (ssm.width, ssm.layers, ssm.patch, ssm.p_uncond) == (transformer.width, transformer.layers,
+                                                                 transformer.patch, transformer.p_uncond)
+    assert ssm.train == transformer.train and ssm.train.seed == 2
+
+
+def test_evaluate_full_stores_one_run_per_extra_seed_at_the_budget_and_resumes(tmp_path, monkeypatch):
+    from agm import checkpoint
+    from agm.ssm.model import SEEDS, SPECS
+
+    monkeypatch.setenv("AGM_SMOKE", "1")
+    monkeypatch.setenv("AGM_CHECKPOINTS", str(tmp_path))
+    model = SSMModel(SSMConfig(width=16, layers=1, state=4))
+    checkpoint.save("ssm", {"state_dict": model.state_dict()}, checkpoint.new_manifest("ssm", {}, 0, 0.0, {}), tmp_path)
+    cells = SPECS["ssm"].evaluate_full(model)["seeds"]
+    assert set(cells) == {f"seed{s}" for s in SEEDS}
+    assert all(c["steps"] == 20 and c["test_nll_n"] == 100 and math.isfinite(c["test_nll_nats"])
+               for c in cells.values())
+    assert cells["seed1"]["curve"]["loss"] != cells["seed2"]["curve"]["loss"]  # the seed reaches the run
+    assert checkpoint.read_manifest("ssm").metrics["seeds"] == cells
+    monkeypatch.setattr("agm.ssm.model.fit_at_budget", lambda *a: pytest.fail("a stored seed was trained again"))
+    assert SPECS["ssm"].evaluate_full(model)["seeds"] == cells
+
+
+def test_selective_step_sizes_start_log_uniform_between_dt_min_and_dt_max_as_in_mamba():
+    torch.manual_seed(5)
+    layer = SelectiveSSM(4000, state=2, dt_min=1e-3, dt_max=1e-1)
+    dt = torch.nn.functional.softplus(layer.dt.bias.detach())  # Δ at a zero input
+    assert dt.min() >= 1e-3 * (1 - 1e-4) and dt.max() <= 1e-1 * (1 + 1e-4)
+    # log-uniform: the median is the geometric mean of the ends
+    assert abs(dt.log().median().item() - 0.5 * (math.log(1e-3) + math.log(1e-1))) < 0.1

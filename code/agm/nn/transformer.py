@@ -91,6 +91,12 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, max_period: float = 10_000.
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
 
 
+def feed_forward(width: int, ratio: int = 4, dropout: float = 0.0) -> nn.Sequential:
+    """The position-wise MLP of a block: width -> ratio * width -> GELU -> width."""
+    return nn.Sequential(nn.Linear(width, ratio * width), nn.GELU(), nn.Linear(ratio * width, width),
+                         nn.Dropout(dropout))
+
+
 class Block(nn.Module):
     """Attention and an MLP, each around the residual stream, with pre- or post-LayerNorm."""
 
@@ -99,8 +105,7 @@ class Block(nn.Module):
         self.config = config
         self.ln1, self.ln2 = nn.LayerNorm(config.width), nn.LayerNorm(config.width)
         self.attn = SelfAttention(config.width, config.heads, causal=True, dropout=config.dropout)
-        self.mlp = nn.Sequential(nn.Linear(config.width, config.mlp_ratio * config.width), nn.GELU(),
-                                 nn.Linear(config.mlp_ratio * config.width, config.width), nn.Dropout(config.dropout))
+        self.mlp = feed_forward(config.width, config.mlp_ratio, config.dropout)
 
     def forward(self, h: torch.Tensor, cache: KVCache | None = None, layer: int = 0, offset: int = 0,
                 qk_transform=None) -> torch.Tensor:

@@ -10,7 +10,8 @@ y = K * u + D u with the kernel K_l = Re(C Ā^l B̄): a whole sequence in one FF
 time through the state (generation).
 
 The selective scan makes Δ, B and C functions of the input at each position (Gu & Dao, 2023): it is no longer
-a convolution, and runs as a recurrence.
+a convolution. Its recurrence h_t = Ā_t h_{t-1} + B̄_t x_t is a scan: one position after another, or in
+log2 L rounds of an associative operator (the parallel scan); both are here, and they agree.
 """
 
 from __future__ import annotations
@@ -75,8 +76,12 @@ class S4D(nn.Module):
 class SelectiveSSM(nn.Module):
     """Mamba-style selective scan over D channels with N real states each: Δ, B, C computed from the input."""
 
-    def __init__(self, channels: int, state: int = 16, dt_rank: int | None = None):
+    def __init__(self, channels: int, state: int = 16, dt_rank: int | None = None, scan: str = "sequential",
+                 dt_min: float = 1e-3, dt_max: float = 1e-1):
         super().__init__()
+        if scan not in SCANS:
+            raise ValueError(f"scan must be one of {sorted(SCANS)}, got {scan!r}")
+        self.scan = scan
         D, N = channels, state
         R = dt_rank or max(1, math.ceil(D / 16))
         self.state_size = N
@@ -84,6 +89,12 @@ class SelectiveSSM(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1).float()).repeat(D, 1))  # (D, N)
         self.project = nn.Linear(D, R + 2 * N, bias=False)  # x -> (Δ low rank, B, C)
         self.dt = nn.Linear(R, D)
+        # Mamba's initialization: Δ starts log-uniform on [dt_min, dt_max] (the bias is softplus^{-1} of it), so that
+        # e^{Δ A} forgets slowly; nn.Linear's default bias would start Δ near softplus(0) = 0.69
+        nn.init.uniform_(self.dt.weight, -R ** -0.5, R ** -0.5)
+        dt = torch.exp(torch.rand(D) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        with torch.no_grad():
+            self.dt.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # $\mathrm{softplus}^{-1}(\Delta)$
         self.D = nn.Parameter(torch.ones(D))
         self.rank = R
 
@@ -94,18 +105,47 @@ class SelectiveSSM(nn.Module):
 
     def step(self, x: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One position: x (B, D), state (B, D, N) -> (y (B, D), new state)."""
-        delta, B, C = self.parameters_at(x)
-        A = -torch.exp(self.A_log)  # (D, N)
-        # $h_t = e^{\Delta_t A} h_{t-1} + \Delta_t B_t x_t$ (the simplified discretization of Gu & Dao)
-        drive = delta[..., None] * B[:, None, :] * x[..., None]  # (B, D, N)
-        h = drive if state is None else torch.exp(delta[..., None] * A) * state + drive
+        decay, drive, C = self.recurrence(x)
+        # $h_t = \bar A_t h_{t-1} + \bar B_t x_t$
+        h = drive if state is None else decay * state + drive
         # $y_t = C_t h_t + D x_t$
         return torch.einsum("bdn,bn->bd", h, C) + self.D * x, h
 
+    def recurrence(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ā_t = exp(Δ_t A) and B̄_t x_t, each (..., D, N), and C_t (..., N) at every position of x (..., D)."""
+        delta, B, C = self.parameters_at(x)
+        A = -torch.exp(self.A_log)  # (D, N)
+        # $\bar A_t = e^{\Delta_t A}$, $\bar B_t x_t = \Delta_t B_t x_t$ (the simplified discretization of Gu & Dao)
+        return torch.exp(delta[..., None] * A), delta[..., None] * B[..., None, :] * x[..., None], C
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, L, D) -> y (B, L, D) by the recurrence, position after position."""
-        state, ys = None, []
-        for t in range(x.shape[1]):
-            y, state = self.step(x[:, t], state)
-            ys.append(y)
-        return torch.stack(ys, 1)
+        """x (B, L, D) -> y (B, L, D): the whole sequence's Ā, B̄x and C at once, then the scan over positions."""
+        decay, drive, C = self.recurrence(x)  # (B, L, D, N), (B, L, D, N), (B, L, N)
+        h = SCANS[self.scan](decay, drive)  # (B, L, D, N)
+        return torch.einsum("bldn,bln->bld", h, C) + self.D * x
+
+
+def sequential_scan(decay: torch.Tensor, drive: torch.Tensor) -> torch.Tensor:
+    """h_t = a_t h_{t-1} + b_t from h_0 = b_0, along dim 1, one position after another: L steps of O(1) depth."""
+    a, b = decay.unbind(1), drive.unbind(1)
+    h = [b[0]]
+    for a_t, b_t in zip(a[1:], b[1:], strict=True):
+        h.append(torch.addcmul(b_t, a_t, h[-1]))  # $h_t = a_t h_{t-1} + b_t$
+    return torch.stack(h, 1)
+
+
+def parallel_scan(decay: torch.Tensor, drive: torch.Tensor) -> torch.Tensor:
+    """The same h_t in ceil(log2 L) rounds (Hillis & Steele, 1986) of the associative operator
+    (a, b) • (a', b') = (a a', a' b + b'): after the round of offset k, position t holds the composition of
+    the steps t-2k+1..t, so log2 L rounds of whole-tensor products replace L sequential steps."""
+    a, b = decay, drive
+    offset = 1
+    while offset < b.shape[1]:
+        # $(a_t, b_t) \leftarrow (a_t a_{t-k},\ a_t b_{t-k} + b_t)$ for $t \ge k$
+        b = torch.cat([b[:, :offset], torch.addcmul(b[:, offset:], a[:, offset:], b[:, :-offset])], 1)
+        a = torch.cat([a[:, :offset], a[:, offset:] * a[:, :-offset]], 1)
+        offset *= 2
+    return b
+
+
+SCANS = {"sequential": sequential_scan, "parallel": parallel_scan}

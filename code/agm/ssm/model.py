@@ -3,7 +3,8 @@
 The same tokens (2x2 binary patches in raster order), the same context token (label or null) and the same
 exact likelihood as the transformer; the attention blocks are replaced by state-space layers of
 :mod:`agm.ssm.layers`, ``kind`` "s4d" (a convolution in training, a recurrence in sampling) or "selective"
-(a recurrence in both). Each block is pre-LayerNorm: h <- h + W_out GELU(SSM(W_in LN(h))).
+(a recurrence in both). Each block is the transformer's block with attention replaced by the SSM, pre-LayerNorm:
+h <- h + W_out GELU(SSM(W_in LN(h))), then h <- h + MLP(LN(h)) with the transformer's MLP.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from agm.autoregressive.ar_transformer import NUM_CLASSES, ar_training, detokeni
 from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import check_images
 from agm.distributions import categorical_log_prob
-from agm.registry import ModelSpec, TrainResult
+from agm.nn.transformer import feed_forward
+from agm.registry import ModelSpec, TrainResult, register
 from agm.ssm.layers import S4D, SelectiveSSM
 
 KINDS = ("s4d", "selective")
@@ -29,9 +31,11 @@ KINDS = ("s4d", "selective")
 class SSMConfig:
     kind: str = "s4d"  # "s4d" or "selective"
     patch: int = 2  # as ARConfig.patch
-    width: int = 128  # the residual stream's size
-    layers: int = 4
-    state: int = 32  # states per channel
+    width: int = 64  # the residual stream's size (the transformer ablations' baseline of Chapters 46-47)
+    layers: int = 6
+    state: int = 32  # states per channel (s4d: complex, in conjugate pairs; selective: real)
+    mlp_ratio: int = 4  # the MLP sublayer's hidden width / width, as in the transformer
+    scan: str = "sequential"  # selective only: "sequential" or "parallel" (the same numbers; Chapter 56 times both)
     p_uncond: float = 0.1  # label dropped to the null token in training
     train: TrainConfig = field(default_factory=ar_training)
 
@@ -46,18 +50,23 @@ class SSMBlock(nn.Module):
     def __init__(self, config: SSMConfig):
         super().__init__()
         C = config.width
-        self.norm = nn.LayerNorm(C)
+        self.norm, self.norm_mlp = nn.LayerNorm(C), nn.LayerNorm(C)
         self.inp, self.out = nn.Linear(C, C), nn.Linear(C, C)
-        self.ssm = S4D(C, config.state) if config.kind == "s4d" else SelectiveSSM(C, config.state)
+        self.ssm = S4D(C, config.state) if config.kind == "s4d" else SelectiveSSM(C, config.state, scan=config.scan)
+        self.mlp = feed_forward(C, config.mlp_ratio)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, L, C) -> (B, L, C), the whole sequence at once."""
-        return h + self.out(F.gelu(self.ssm(self.inp(self.norm(h)))))
+        # $h \leftarrow h + W_o\,\mathrm{GELU}(\mathrm{SSM}(W_i\,\mathrm{LN}(h)))$
+        h = h + self.out(F.gelu(self.ssm(self.inp(self.norm(h)))))
+        # $h \leftarrow h + \mathrm{MLP}(\mathrm{LN}(h))$
+        return h + self.mlp(self.norm_mlp(h))
 
     def step(self, h: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One position h (B, C) -> (B, C) and the layer's new state."""
         y, state = self.ssm.step(self.inp(self.norm(h)), state)
-        return h + self.out(F.gelu(y)), state
+        h = h + self.out(F.gelu(y))
+        return h + self.mlp(self.norm_mlp(h)), state
 
 
 class SSMModel(nn.Module):
@@ -132,18 +141,64 @@ def build(config: dict) -> SSMModel:
     return SSMModel(from_dict(SSMConfig, config))
 
 
+STATES = {"s4d": 32, "selective": 16}  # S4D: 16 conjugate pairs; selective: Mamba's d_state
+
+
+def budget_config(kind: str, seed: int = 0, steps: int | None = None) -> SSMConfig:
+    """The SSM at the budget of the transformer baseline of Chapters 46-47 (its width, depth, steps, batch,
+    schedule, label dropout and seed): the two models differ only in attention versus the SSM."""
+    from agm.autoregressive.ablations import variant_config
+
+    base = variant_config("pre-LN", seed, steps)
+    return SSMConfig(kind=kind, width=base.width, layers=base.layers, state=STATES[kind], p_uncond=base.p_uncond,
+                     train=base.train)
+
+
+def fit_at_budget(kind: str, seed: int = 0) -> tuple[SSMModel, SSMConfig, list[dict], dict[str, float]]:
+    """Train the ``kind`` SSM at :func:`budget_config` (smoke: a tiny one) and measure its test NLL on the test images
+    of the transformer ablations, for Chapter 56's comparison at equal budget: (model, config, history, report)."""
+    from agm.autoregressive.ablations import TEST_IMAGES
+    from agm.runtime import budget, is_smoke
+
+    config = budget_config(kind, seed)
+    if is_smoke():
+        config.width, config.layers, config.state = 16, 1, 4
+    model, history = ar_transformer.fit(config, model_class=SSMModel)
+    return model, config, history, ar_transformer.test_nll(model, n=budget(TEST_IMAGES, 100))
+
+
 def trainer(kind: str):
     def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
-        from agm.runtime import is_smoke
-
-        config = SSMConfig(kind=kind)
-        config.train = config.train.budgeted(seed)
-        if is_smoke():
-            config.width, config.layers, config.state = 16, 1, 4
-        model, history = ar_transformer.fit(config, model_class=SSMModel)
-        return TrainResult(model, to_dict(config), steps=config.train.steps, extra={"history": history})
+        model, config, history, comparison = fit_at_budget(kind, seed)
+        return TrainResult(model, to_dict(config), steps=config.train.steps,
+                           extra={"history": history, "comparison": comparison})
 
     return train
+
+
+SEEDS = (1, 2)  # the seeds beyond the shipped model's, as the transformer ablations have them
+
+
+def seed_runs(name: str, kind: str):
+    """``evaluate NAME --full``: the same SSM trained again at each seed of SEEDS, each run's test NLL (the
+    comparison images), seconds and training curve stored in the manifest as it finishes (resumable)."""
+    def evaluate_full(model: SSMModel) -> dict:
+        import time
+
+        from agm import checkpoint
+
+        def cell(seed: int):
+            def measure() -> dict:
+                start = time.perf_counter()
+                _, config, history, report = fit_at_budget(kind, seed)
+                return {"test_nll_nats": report["test_nll_nats"], "test_nll_n": report["test_nll_n"],
+                        "seconds": time.perf_counter() - start, "steps": config.train.steps,
+                        "curve": {"step": [h["step"] for h in history], "loss": [h["loss"] for h in history]}}
+            return measure
+
+        return {"seeds": checkpoint.fill_cells(name, "seeds", {f"seed{s}": cell(s) for s in SEEDS})}
+
+    return evaluate_full
 
 
 def sample(model: SSMModel, n: int, generator: torch.Generator, labels: torch.Tensor | None = None,
@@ -159,9 +214,11 @@ def add_sample_options(parser) -> None:
 
 SUMMARIES = {"ssm": ("s4d", "diagonal state-space model (S4D) over 2x2-pixel tokens"),
              "ssm-selective": ("selective", "selective-scan SSM (Mamba-style) over 2x2-pixel tokens")}
-# registered (agm.registry.MODEL_MODULES and register) once their checkpoints ship
 SPECS = {_name: ModelSpec(
     name=_name, chapter=56, summary=_summary, build=build, train=trainer(_kind), sample=sample,
     evaluate=ar_transformer.evaluate, conditional=True, train_minutes=60.0, add_sample_options=add_sample_options,
     metric_sample_options=lambda: {"unconditional": True}, samples="binary images",
+    evaluate_full=seed_runs(_name, _kind),
 ) for _name, (_kind, _summary) in SUMMARIES.items()}
+for _spec in SPECS.values():
+    register(_spec)
