@@ -101,3 +101,20 @@ def test_paired_difference_compares_seed_with_seed_over_the_seeds_both_have():
                                                             "resolved": None}
     close = {**cells, "post-LN/seed2": {"test_nll_nats": 92.0}}  # differences 1.0, 1.5, -3.0
     assert ablations.paired_difference(close, "post-LN")["resolved"] is False
+
+
+def test_evaluate_full_stores_the_test_nll_before_the_ablations_start(manifest, monkeypatch):
+    from agm.autoregressive import ar_transformer
+
+    monkeypatch.setenv("AGM_SMOKE", "1")
+    model = ARTransformer(ARConfig(width=16, layers=1, heads=2))
+
+    def fill_after_the_nll_is_stored():
+        stored = checkpoint.read_manifest("ar-transformer").metrics
+        assert stored["test_nll_n"] == 100 and stored["test_nll_nats"] > 0
+        return {"pre-LN/seed0": {"test_nll_nats": 90.0}}
+
+    monkeypatch.setattr(ablations, "fill", fill_after_the_nll_is_stored)
+    metrics = ar_transformer.evaluate_full(model)
+    assert metrics["test_nll_nats"] == pytest.approx(ar_transformer.evaluate(model)["test_nll_nats"])
+    assert metrics[ablations.KEY] == {"pre-LN/seed0": {"test_nll_nats": 90.0}}
