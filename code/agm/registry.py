@@ -40,6 +40,7 @@ MODEL_MODULES = [
     "agm.autoregressive.ar_transformer",
     "agm.rl.models",
     "agm.preference.models",
+    "agm.ssm.model",
     "agm.classifier",
 ]
 

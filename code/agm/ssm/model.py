@@ -21,7 +21,7 @@ from agm.config import TrainConfig, from_dict, to_dict
 from agm.data import check_images
 from agm.distributions import categorical_log_prob
 from agm.nn.transformer import feed_forward
-from agm.registry import ModelSpec, TrainResult
+from agm.registry import ModelSpec, TrainResult, register
 from agm.ssm.layers import S4D, SelectiveSSM
 
 KINDS = ("s4d", "selective")
@@ -220,3 +220,5 @@ SPECS = {_name: ModelSpec(
     metric_sample_options=lambda: {"unconditional": True}, samples="binary images",
     evaluate_full=seed_runs(_name, _kind),
 ) for _name, (_kind, _summary) in SUMMARIES.items()}
+for _spec in SPECS.values():
+    register(_spec)
