@@ -44,6 +44,7 @@ def test_s4d_convolution_mode_equals_recurrent_mode_and_is_causal():
         out, state = layer.step(u[:, t], state)
         steps.append(out)
     assert torch.allclose(y, torch.stack(steps, 1), atol=1e-9)
+    assert torch.allclose(layer.recurrent(u), torch.stack(steps, 1), atol=1e-12)  # the same steps, as one call
     v = u.clone()
     v[:, 12:] += 1.0
     assert torch.allclose(layer(v)[:, :12], y[:, :12], atol=1e-9) and not torch.allclose(layer(v)[:, 12], y[:, 12])
@@ -166,7 +167,8 @@ def test_evaluate_full_stores_one_run_per_extra_seed_at_the_budget_and_resumes(t
                for c in cells.values())
     assert cells["seed1"]["curve"]["loss"] != cells["seed2"]["curve"]["loss"]  # the seed reaches the run
     assert checkpoint.read_manifest("ssm").metrics["seeds"] == cells
-    monkeypatch.setattr("agm.ssm.model.fit_at_budget", lambda *a: pytest.fail("a stored seed was trained again"))
+    monkeypatch.setattr("agm.autoregressive.ablations.run_config",
+                        lambda *a: pytest.fail("a stored seed was trained again"))
     assert SPECS["ssm"].evaluate_full(model)["seeds"] == cells
 
 

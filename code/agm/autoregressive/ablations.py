@@ -50,9 +50,14 @@ def variant_config(name: str, seed: int = 0, steps: int | None = None) -> ARConf
 
 def run(name: str, seed: int = 0, steps: int | None = None, n_test: int | None = None, log=print) -> dict:
     """Train variant ``name`` and measure it: test NLL, the training curve (every 50 steps), seconds."""
-    config = variant_config(name, seed, steps)
+    return run_config(variant_config(name, seed, steps), n_test=n_test, log=log)
+
+
+def run_config(config, model_class=None, n_test: int | None = None, log=print) -> dict:
+    """Train the token model of ``config`` (a transformer, or ``model_class``) and measure it as a cell: test NLL on
+    the first ``n_test`` test images (default TEST_IMAGES), the training curve (every 50 steps), seconds."""
     start = time.perf_counter()
-    model, history = fit(config, log=log, log_every=50)
+    model, history = fit(config, log=log, log_every=50, model_class=model_class)
     seconds = time.perf_counter() - start
     report = test_nll(model, n=n_test or budget(TEST_IMAGES, 100))
     return {"test_nll_nats": report["test_nll_nats"], "test_nll_n": report["test_nll_n"], "seconds": seconds,

@@ -66,6 +66,15 @@ class S4D(nn.Module):
         y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n) * torch.fft.rfft(k, n), n)[..., :L]  # (B, H, L)
         return y.transpose(1, 2) + u * self.D
 
+    def recurrent(self, u: torch.Tensor) -> torch.Tensor:
+        """Recurrent mode over a whole sequence: u (B, L, H) -> y (B, L, H) by L calls of :meth:`step`, as generation
+        runs it (the same numbers as :meth:`forward`)."""
+        state, ys = None, []
+        for u_t in u.unbind(1):
+            y_t, state = self.step(u_t, state)
+            ys.append(y_t)
+        return torch.stack(ys, 1)
+
     def step(self, u: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Recurrent mode: one input u (B, H) and the state (B, H, N) -> (y (B, H), new state)."""
         dA, dB, C = self.discrete()

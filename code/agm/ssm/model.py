@@ -154,22 +154,25 @@ def budget_config(kind: str, seed: int = 0, steps: int | None = None) -> SSMConf
                      train=base.train)
 
 
-def fit_at_budget(kind: str, seed: int = 0) -> tuple[SSMModel, SSMConfig, list[dict], dict[str, float]]:
-    """Train the ``kind`` SSM at :func:`budget_config` (smoke: a tiny one) and measure its test NLL on the test images
-    of the transformer ablations, for Chapter 56's comparison at equal budget: (model, config, history, report)."""
-    from agm.autoregressive.ablations import TEST_IMAGES
-    from agm.runtime import budget, is_smoke
+def config_at_budget(kind: str, seed: int = 0) -> SSMConfig:
+    """:func:`budget_config` as trained (smoke: a tiny model at the smoke budget)."""
+    from agm.runtime import is_smoke
 
     config = budget_config(kind, seed)
     if is_smoke():
         config.width, config.layers, config.state = 16, 1, 4
-    model, history = ar_transformer.fit(config, model_class=SSMModel)
-    return model, config, history, ar_transformer.test_nll(model, n=budget(TEST_IMAGES, 100))
+    return config
 
 
 def trainer(kind: str):
     def train(seed: int = 0, parents: dict | None = None) -> TrainResult:
-        model, config, history, comparison = fit_at_budget(kind, seed)
+        from agm.autoregressive.ablations import TEST_IMAGES
+        from agm.runtime import budget
+
+        config = config_at_budget(kind, seed)
+        model, history = ar_transformer.fit(config, model_class=SSMModel)
+        # the NLL on the test images of the transformer ablations, for Chapter 56's comparison at equal budget
+        comparison = ar_transformer.test_nll(model, n=budget(TEST_IMAGES, 100))
         return TrainResult(model, to_dict(config), steps=config.train.steps,
                            extra={"history": history, "comparison": comparison})
 
@@ -180,23 +183,14 @@ SEEDS = (1, 2)  # the seeds beyond the shipped model's, as the transformer ablat
 
 
 def seed_runs(name: str, kind: str):
-    """``evaluate NAME --full``: the same SSM trained again at each seed of SEEDS, each run's test NLL (the
-    comparison images), seconds and training curve stored in the manifest as it finishes (resumable)."""
+    """``evaluate NAME --full``: the same SSM trained again at each seed of SEEDS and measured as the transformer
+    ablations are (:func:`agm.autoregressive.ablations.run_config`), each run stored as it finishes (resumable)."""
     def evaluate_full(model: SSMModel) -> dict:
-        import time
-
         from agm import checkpoint
+        from agm.autoregressive.ablations import run_config
 
-        def cell(seed: int):
-            def measure() -> dict:
-                start = time.perf_counter()
-                _, config, history, report = fit_at_budget(kind, seed)
-                return {"test_nll_nats": report["test_nll_nats"], "test_nll_n": report["test_nll_n"],
-                        "seconds": time.perf_counter() - start, "steps": config.train.steps,
-                        "curve": {"step": [h["step"] for h in history], "loss": [h["loss"] for h in history]}}
-            return measure
-
-        return {"seeds": checkpoint.fill_cells(name, "seeds", {f"seed{s}": cell(s) for s in SEEDS})}
+        plan = {f"seed{s}": (lambda s=s: run_config(config_at_budget(kind, s), SSMModel)) for s in SEEDS}
+        return {"seeds": checkpoint.fill_cells(name, "seeds", plan)}
 
     return evaluate_full
 
