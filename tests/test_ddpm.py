@@ -222,6 +222,27 @@ def test_sampler_bad_inputs():
 
 # -- training ------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("n_classes", [0, 10])
+def test_a_large_batch_without_gradients_runs_in_pieces_with_the_numbers_of_one_call(n_classes, monkeypatch):
+    """Evaluation in pieces of EVAL_CHUNK is invisible: the one-call output to float rounding, labels kept per piece."""
+    import agm.diffusion.ddpm as ddpm_module
+
+    model = tiny(num_classes=n_classes)
+    x, t = torch.randn(7, 1, 28, 28), torch.randint(0, 1000, (7,))
+    labels = torch.arange(7) % 10 if n_classes else None
+    with torch.no_grad():
+        whole = model(x, t, labels)
+        calls = []
+        monkeypatch.setattr(ddpm_module, "EVAL_CHUNK", 3)
+        original = model.net.forward
+        monkeypatch.setattr(model.net, "forward", lambda *a: calls.append(len(a[0])) or original(*a))
+        pieces = model(x, t, labels)
+    assert calls == [3, 3, 1] and torch.allclose(pieces, whole, rtol=0, atol=1e-5)
+    calls.clear()
+    model(x, t, labels).sum().backward()  # with gradients: one call, so autograd sees one graph
+    assert calls == [7]
+
+
 def test_training_loss_is_l_simple_and_reports_timesteps():
     """Recomputed from the closed form x_t = sqrt(abar) x0 + sqrt(1 - abar) eps with the same draws."""
     model = tiny(num_timesteps=50)

@@ -84,6 +84,22 @@ def test_fill_measures_one_computation_once_under_both_keys(smoke_ddpm, monkeypa
     assert cells["ddim-eta0-3-clip/seed0"] == cells["ddim-eta0-3/seed0"] and cells["ddim-eta0-3/seed0"]["fid"] == 1
 
 
+def test_fill_keeps_the_cells_that_another_process_stores_meanwhile(smoke_ddpm, monkeypatch):
+    """Two fillers of disjoint cells of one manifest: each stores its cell into what is there at that moment."""
+    def fake(model, setting, seed, n, classifier=None):
+        if seed == 0:  # while this cell is measured, another process stores seed 1
+            cells = checkpoint.read_manifest("ddpm").metrics[evaluations.KEY]
+            checkpoint.update_metrics("ddpm", {evaluations.KEY: cells | {"ddim-eta0-3/seed1": {"fid": 7.0}}})
+        return {"fid": 3.0, "seconds": 1.0, "n_samples": n}
+
+    monkeypatch.setattr(evaluations, "measure", fake)
+    model, _ = registry.load_model("ddpm")
+    cells = fill("ddpm", model, [Setting("ddim", 3)], seeds=(0, 1), n=200, log=lambda _: None)
+    stored = checkpoint.read_manifest("ddpm").metrics[evaluations.KEY]
+    assert stored["ddim-eta0-3/seed1"] == {"fid": 7.0} and stored["ddim-eta0-3/seed0"]["fid"] == 3.0
+    assert cells == stored  # and the seed-1 cell, stored meanwhile, was not measured again
+
+
 def test_table_reports_mean_and_sd_over_the_seeds_and_marks_missing_rows():
     cells = {"reference": {"fid": 1.0}}
     for seed, fid in enumerate((10.0, 12.0, 14.0)):

@@ -54,6 +54,12 @@ class DDPMConfig:
             raise ValueError("p_uncond > 0 needs a class-conditional U-Net (unet.num_classes > 0)")
 
 
+# Without gradients a call on more images than this runs in pieces of this many: each piece's activations stay
+# in the CPU's cache, where a batch of 500 does not (benchmarks/bench_unet_batch.py times batch against piece).
+# Every image's output is computed alone in both, so the numbers agree to float rounding (bit for bit on one thread).
+EVAL_CHUNK = 125
+
+
 class DDPM(nn.Module):
     """A U-Net together with the schedule it was trained for; called, it predicts ε whatever it outputs."""
 
@@ -64,6 +70,11 @@ class DDPM(nn.Module):
         self.net = UNet(config.unet)
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if not torch.is_grad_enabled() and len(xt) > EVAL_CHUNK:
+            # the numbers of one call, faster: benchmarks/bench_unet_batch.py
+            return torch.cat([self(xt[i : i + EVAL_CHUNK], t[i : i + EVAL_CHUNK],
+                                   None if labels is None else labels[i : i + EVAL_CHUNK])
+                              for i in range(0, len(xt), EVAL_CHUNK)])
         out = self.net(xt, t, labels)
         if self.config.prediction == "epsilon":
             return out

@@ -73,10 +73,11 @@ class Setting:
 # Chapter 31-32: clipping x̂_0 and the chain, at the reference's two step counts
 CLIPPING = [Setting("ancestral", s, c) for s in (50, 1000) for c in (True, False)] + \
            [Setting("ddim", 50, c) for c in (True, False)]
-# Chapter 40: FID against steps for DDIM's eta, and DPM-Solver++ beside it. At 1000 steps DDIM with eta = 1
-# is the ancestral chain with the posterior variance (Chapter 37), which CLIPPING measures already.
+# Chapter 40: FID against steps for DDIM's eta, and DPM-Solver++ beside it. At the full chain of 1000 steps the
+# deterministic sampler is measured; DDIM with eta = 1 there is the ancestral chain with the posterior variance
+# up to where the clipped x̂_0 enters (Chapter 40), which CLIPPING measures.
 STEPS = [Setting("ddim", s, None, eta) for eta in (0.0, 0.5, 1.0) for s in (10, 20, 50, 100)] + \
-        [Setting("dpmsolver++", s) for s in (10, 20, 50)]
+        [Setting("ddim", 1000, None, 0.0)] + [Setting("dpmsolver++", s) for s in (10, 20, 50)]
 
 
 def plan(settings: list[Setting], seeds=SEEDS) -> list[tuple[Setting, int]]:
@@ -112,23 +113,33 @@ def fill(name: str, model: nn.Module, settings: list[Setting], seeds=SEEDS, n: i
     key gets a copy of the first's cell.
     """
     n = n or budget(N_SAMPLES, 200)
-    cells = dict(checkpoint.read_manifest(name).metrics.get(KEY, {}))
+
+    def stored() -> dict[str, dict]:
+        return dict(checkpoint.read_manifest(name).metrics.get(KEY, {}))
+
+    def store(cell: str, result: dict) -> dict[str, dict]:
+        # merged into what is stored at this moment: another process may have filled other cells meanwhile
+        cells = stored() | {cell: result}
+        checkpoint.update_metrics(name, {KEY: cells})
+        return cells
+
+    cells = stored()
     if "reference" not in cells or cells["reference"]["n_samples"] != n:
         cells = {"reference": real_reference(n)}  # another n: the old cells do not compare; start again
+        checkpoint.update_metrics(name, {KEY: cells})
     measured = {f"{s.resolved().key}/seed{seed}": f"{s.key}/seed{seed}"
                 for s, seed in plan(settings, seeds) if f"{s.key}/seed{seed}" in cells}
     for setting, seed in plan(settings, seeds):
         cell, same = f"{setting.key}/seed{seed}", f"{setting.resolved().key}/seed{seed}"
+        cells = stored()
         if cell in cells:
             continue
         if same in measured:
-            cells[cell] = cells[measured[same]]
-            checkpoint.update_metrics(name, {KEY: cells})
+            cells = store(cell, cells[measured[same]])
             continue
         measured[same] = cell
         log(f"{name}: {cell} ({n} samples) ...")
-        cells[cell] = measure(model, setting, seed, n, classifier)
-        checkpoint.update_metrics(name, {KEY: cells})
+        cells = store(cell, measure(model, setting, seed, n, classifier))
         log(f"{name}: {cell}: FID {cells[cell]['fid']:.2f} in {cells[cell]['seconds']:.0f} s")
     return cells
 
