@@ -100,6 +100,21 @@ def test_fill_keeps_the_cells_that_another_process_stores_meanwhile(smoke_ddpm, 
     assert cells == stored  # and the seed-1 cell, stored meanwhile, was not measured again
 
 
+def test_chain_seconds_times_the_settings_chain_at_the_steps_asked_and_keeps_the_best(monkeypatch):
+    calls = []
+    monkeypatch.setattr(evaluations.ddpm, "sample", lambda model, n, generator, labels, **options: calls.append(
+        (n, labels, options)))
+    ticks = iter([0.0, 5.0, 10.0, 12.0, 20.0, 23.0])  # the three chains take 5, 2 and 3 seconds
+    monkeypatch.setattr(evaluations.time, "perf_counter", lambda: next(ticks))
+    seconds = evaluations.chain_seconds(None, Setting("ddim", 50, False, 0.5), n=4, steps=5, repeats=3)
+    assert seconds == 2.0
+    assert calls == [(4, None, {"sampler": "ddim", "steps": 5, "clip_denoised": False, "eta": 0.5})] * 3
+    calls.clear()
+    monkeypatch.setattr(evaluations.time, "perf_counter", iter([0.0, 1.0]).__next__)
+    evaluations.chain_seconds(None, Setting("dpmsolver++", 20, guidance=2.0), n=3, steps=4, repeats=1)
+    assert calls[0][1].tolist() == [0, 1, 2] and calls[0][2]["guidance"] == 2.0  # a guided chain asks for digits
+
+
 def test_table_reports_mean_and_sd_over_the_seeds_and_marks_missing_rows():
     cells = {"reference": {"fid": 1.0}}
     for seed, fid in enumerate((10.0, 12.0, 14.0)):
@@ -156,6 +171,18 @@ def test_seed_values_and_mean_sd_read_the_cells_behind_a_row():
     assert evaluations.mean_sd(row, "fid") == "13.00 ± 3.00"
     assert evaluations.mean_sd(row, "fid", ".1f", scale=0.1) == "1.3 ± 0.3"
     assert evaluations.mean_sd({"fid": 2.0, "fid_sd": None}, "fid") == "2.00"  # one seed: no spread to show
+
+
+def test_paired_difference_is_the_mean_per_seed_difference_with_its_standard_error():
+    a, b = Setting("ancestral", 50, True), Setting("ancestral", 50, False)
+    cells = {f"{a.key}/seed{i}": {"fid": f} for i, f in enumerate((10.0, 20.0, 30.0))}
+    cells |= {f"{b.key}/seed{i}": {"fid": f} for i, f in enumerate((11.0, 22.0, 30.0))}  # differences -1, -2, 0
+    mean, se = evaluations.paired_difference(cells, a, b)
+    assert mean == pytest.approx(-1.0) and se == pytest.approx(1.0 / 3**0.5)
+    # the seeds' common part cancels: the rows spread by 10 per seed, the difference by 1
+    assert se < statistics.stdev([10.0, 20.0, 30.0]) / 3**0.5
+    with pytest.raises(KeyError):
+        evaluations.paired_difference(cells, a, Setting("ancestral", 1000, True))
 
 
 def test_clipping_drift_is_zero_for_a_network_that_never_needs_clipping():

@@ -105,6 +105,22 @@ def measure(model: nn.Module, setting: Setting, seed: int, n: int,
     return metrics
 
 
+def chain_seconds(model: nn.Module, setting: Setting, n: int, steps: int, repeats: int = 3) -> float:
+    """The best of ``repeats`` timings of ``setting``'s sampler run for ``steps`` steps on n images.
+
+    Every step of a chain is one network call and one update, whatever the chain's length, so a short chain
+    timed here prices a long one: a cell's own ``seconds`` also hold whatever else its machine was doing.
+    """
+    options = setting.options() | {"steps": steps}
+    labels = torch.arange(n) % 10 if setting.conditional else None
+    times = []
+    for repeat in range(repeats):
+        start = time.perf_counter()
+        ddpm.sample(model, n, torch.Generator().manual_seed(repeat), labels, **options)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def fill(name: str, model: nn.Module, settings: list[Setting], seeds=SEEDS, n: int | None = None,
          log: Callable[[str], None] = print, classifier: nn.Module | None = None) -> dict[str, dict]:
     """Measure every cell that the manifest of ``name`` does not hold yet, storing each when done.
@@ -162,6 +178,18 @@ def table(cells: dict[str, dict], settings: list[Setting]) -> list[dict]:
 def seed_values(cells: dict[str, dict], setting: Setting, metric: str, seeds=SEEDS) -> list[float]:
     """``metric`` of ``setting`` at each seed, in the order of ``seeds``: the cells behind a row of :func:`table`."""
     return [cells[f"{setting.key}/seed{seed}"][metric] for seed in seeds]
+
+
+def paired_difference(cells: dict[str, dict], a: Setting, b: Setting, metric: str = "fid",
+                      seeds=SEEDS) -> tuple[float, float]:
+    """Mean over seeds of ``metric`` of ``a`` minus that of ``b`` at the same seed, and its standard error.
+
+    At one seed two settings start from the same x_T (and, where both draw it, the same noise z), so what is
+    common to the seed cancels in the difference and its spread can be smaller than either row's.
+    """
+    differences = [x - y for x, y in zip(seed_values(cells, a, metric, seeds), seed_values(cells, b, metric, seeds),
+                                         strict=True)]
+    return statistics.fmean(differences), statistics.stdev(differences) / len(differences) ** 0.5
 
 
 def mean_sd(row: dict, metric: str, fmt: str = ".2f", scale: float = 1.0) -> str:
