@@ -203,3 +203,24 @@ def test_reference_stats_are_cached_by_classifier_hash(test_images):
     _, sha = metrics.classifier()
     assert (data_root() / "cache" / f"metrics-reference-{sha[:16]}.pt").is_file()
     assert torch.equal(metrics.reference_stats()["mu"], stats["mu"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong shapes"])
+def test_a_damaged_reference_cache_is_rebuilt_with_the_same_numbers(damage, tmp_path, monkeypatch):
+    from agm.runtime import data_root
+
+    good = metrics.reference_stats()
+    _, sha = metrics.classifier()
+    cached = data_root() / "cache" / f"metrics-reference-{sha[:16]}.pt"
+    (tmp_path / "MNIST").symlink_to(data_root() / "MNIST")
+    monkeypatch.setenv("AGM_DATA", str(tmp_path))
+    path = tmp_path / "cache" / cached.name
+    path.parent.mkdir()
+    if damage == "truncated":
+        path.write_bytes(cached.read_bytes()[:1000])
+    else:
+        torch.save({k: v[:5] for k, v in good.items()}, path)
+    rebuilt = metrics.reference_stats()
+    assert torch.equal(rebuilt["mu"], good["mu"]) and torch.equal(rebuilt["sigma"], good["sigma"])
+    assert torch.equal(rebuilt[metrics.REFERENCE_RADII], good[metrics.REFERENCE_RADII])
+    assert metrics._cached_stats(path) is not None and not list(path.parent.glob("*.part"))

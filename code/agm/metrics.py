@@ -10,6 +10,8 @@ Nats per image convert to bits/dim as ``nats / (D ln 2)``, D = 784 for MNIST.
 from __future__ import annotations
 
 import math
+import os
+import pickle
 from functools import lru_cache
 from pathlib import Path
 
@@ -206,11 +208,34 @@ PR_K = 3  # the k of the kit's precision and recall
 REFERENCE_RADII = f"radii_k{PR_K}"
 
 
+def _cached_stats(path: Path) -> dict[str, torch.Tensor] | None:
+    """The statistics cached at ``path``, or None where the file is missing, unreadable (truncated, overwritten)
+    or not of the shapes :func:`reference_stats` writes: the cache is derived data, so it is then rebuilt."""
+    if not path.is_file():
+        return None
+    try:
+        stats = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError):
+        return None
+    if not isinstance(stats, dict) or not all(isinstance(stats.get(k), torch.Tensor)
+                                              for k in ("features", "probs", "mu", "sigma")):
+        return None
+    n, d = stats["features"].shape if stats["features"].ndim == 2 else (0, 0)
+    shapes_ok = (n > 0 and stats["probs"].shape == (n, 10) and stats["mu"].shape == (d,)
+                 and stats["sigma"].shape == (d, d))
+    radii = stats.get(REFERENCE_RADII)
+    return stats if shapes_ok and (radii is None or radii.shape == (n,)) else None
+
+
 def reference_stats() -> dict[str, torch.Tensor]:
-    """Features, mean, covariance and k-NN radii of the 10 000 test images, cached per classifier sha256."""
+    """Features, mean, covariance and k-NN radii of the 10 000 test images, cached per classifier sha256.
+
+    A cache that cannot be read is rebuilt; the cache is written whole or not at all, so that processes
+    scoring samples at the same time never read a half-written file.
+    """
     _, sha = classifier()
     path = data_root() / "cache" / f"metrics-reference-{sha[:16]}.pt"
-    stats = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    stats = _cached_stats(path)
     if stats is not None and REFERENCE_RADII in stats:
         return stats
     if stats is None:
@@ -220,7 +245,9 @@ def reference_stats() -> dict[str, torch.Tensor]:
         stats = {"features": feats, "probs": probs, "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}
     stats[REFERENCE_RADII] = _kth_neighbour_radii(stats["features"].float(), PR_K)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(stats, path)
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    torch.save(stats, part)
+    os.replace(part, path)
     return stats
 
 
