@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from agm.nn import parameter_count
 from agm.nn.attention import SelfAttention, attention_weights
-from agm.nn.transformer import parameter_count
 
 
 def qkv(generator, B=2, H=3, T=7, S=7, d=5):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from agm.nn.unet import UNet, UNetConfig, parameter_count, timestep_embedding
+from agm.nn import parameter_count
+from agm.nn.unet import UNet, UNetConfig, timestep_embedding
 
 
 def small(**kw) -> UNet:

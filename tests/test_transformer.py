@@ -4,6 +4,7 @@ the parameter count of a block."""
 import pytest
 import torch
 
+from agm.nn import parameter_count
 from agm.nn.transformer import (
     Block,
     Transformer,
@@ -11,7 +12,6 @@ from agm.nn.transformer import (
     block_gradient_norms,
     counting_attention_pairs,
     generation_cost,
-    parameter_count,
     parameter_formula,
     rotate,
     sinusoidal_shift,

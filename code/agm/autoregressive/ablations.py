@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from agm import checkpoint
 from agm.autoregressive.ar_transformer import ARConfig, ar_training, fit, test_nll
-from agm.nn.transformer import parameter_count
+from agm.nn import parameter_count
 from agm.runtime import budget
 
 KEY = "ablations"

@@ -265,7 +265,7 @@ def scale_config(channels: int, steps: int) -> ddpm.DDPMConfig:
 def scale_run(channels: int, steps: int, log=print) -> dict:
     """Train ``ddpm`` with ``channels`` base channels for ``steps`` steps (everything else as shipped) and measure
     it as the seed-0 cell of :data:`SCALE_SETTING`: the kit on N_SAMPLES samples, with the training seconds."""
-    from agm.nn.unet import parameter_count
+    from agm.nn import parameter_count
 
     config = scale_config(channels, budget(steps, 2))
     start = time.perf_counter()

@@ -225,10 +225,6 @@ def block_gradient_norms(model: Transformer, loss: torch.Tensor, retain_graph: b
     return [math.sqrt(sum(next(grads).double().square().sum().item() for _ in block)) for block in params]
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def parameter_formula(c: TransformerConfig) -> int:
     """The parameters of :class:`Transformer` with learned positions, in closed form (Chapter 44)."""
     r, C, K = c.mlp_ratio, c.width, c.output_size or c.vocab_size

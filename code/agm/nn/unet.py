@@ -159,7 +159,3 @@ class UNet(nn.Module):
         return self.out(h)  # (B, in_channels, H, W)
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
