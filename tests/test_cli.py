@@ -73,6 +73,8 @@ def test_evaluate_json_reports_likelihood_and_the_kit(trained, capsys):
         (["sample", "no-such-model", "--n", "4", "--out", "x.pt"], "unknown model 'no-such-model'"),
         (["sample", "bernoulli", "--n", "0", "--out", "x.pt"], "--n must be between"),
         (["sample", "bernoulli", "--n", "4", "--label", "3", "--out", "x.pt"], "not class-conditional"),
+        (["sample", "cgan", "--n", "4", "--label", "10", "--out", "x.pt"], "--label must be in 0..9, got 10"),
+        (["sample", "ddpm-cfg", "--n", "4", "--label", "-1", "--out", "x.pt"], "--label must be in 0..9, got -1"),
         (["sample", "bernoulli", "--n", "4", "--out", "no/such/dir/x.pt"], "does not exist"),
         (["train", "no-such-model"], "unknown model"),
         (["evaluate", "no-such-model"], "unknown model"),
@@ -84,6 +86,22 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_diverged_training_run_stops_with_one_line_and_leaves_the_checkpoint_on_disk(trained, monkeypatch, capsys):
+    from agm import registry
+    from agm.train import check_finite
+
+    def diverge(seed, parents):  # the training loops' own check, on a loss that came out NaN at step 3
+        check_finite(torch.tensor(float("nan")), "bernoulli-mixture", step=3)
+
+    monkeypatch.setattr(registry.get("bernoulli-mixture"), "train", diverge)
+    pt, js = checkpoint.paths("bernoulli-mixture")
+    before = pt.read_bytes(), js.read_bytes()
+    assert main(["train", "bernoulli-mixture"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: bernoulli-mixture: loss is nan at step 3") and err.count("\n") == 1
+    assert (pt.read_bytes(), js.read_bytes()) == before and checkpoint.status("bernoulli-mixture") == "verified"
 
 
 def test_unknown_sample_option_is_rejected():

@@ -15,6 +15,7 @@ from agm import checkpoint, registry
 from agm.classifier import ClassifierConfig
 from agm.data import DataError, provision
 from agm.runtime import budget, device, repo_path, seed_everything, set_threads
+from agm.train import NonFiniteLossError
 
 SMOKE_CHECKPOINTS = repo_path("_build", "smoke-checkpoints")
 MAX_SAMPLES = 100_000
@@ -236,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, UsageError) as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
-    except (DataError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, checkpoint.CheckpointError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)  # a diverged run stops before anything is written
         return 1
 
 
