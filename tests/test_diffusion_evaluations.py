@@ -23,6 +23,15 @@ def test_settings_have_distinct_keys_and_the_tables_hold_the_measured_rows():
                                                          "eta": 1.0}
 
 
+def test_labels_name_the_sampler_eta_and_the_clipping_it_runs_with():
+    assert Setting("ddim", 50).label == "DDIM, η = 0, clipped"  # DDIM clips by default
+    assert Setting("ddim", 50, False, 0.5).label == "DDIM, η = 0.5, unclipped"
+    assert Setting("dpmsolver++", 20).label == "DPM-Solver++, unclipped"
+    assert Setting("ancestral", 1000, True).label == "ancestral, clipped"
+    assert Setting("ancestral", 50).labels(3) is None
+    assert Setting("dpmsolver++", 20, guidance=1.0).labels(12).tolist() == [*range(10), 0, 1]
+
+
 def test_plan_runs_the_cheap_cells_first_and_each_once():
     cells = plan(CLIPPING + STEPS + CLIPPING, seeds=(0, 1))
     assert len(cells) == 2 * len({s.key for s in CLIPPING + STEPS})

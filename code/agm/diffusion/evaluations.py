@@ -51,8 +51,20 @@ class Setting:
         return f"{self.sampler}{eta}-{self.steps}{clip}{w}{scale}"
 
     @property
+    def label(self) -> str:
+        """How a table names the setting: the sampler, DDIM's η, and the clipping the sampler runs with."""
+        names = {"ancestral": "ancestral", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}
+        eta = f", η = {self.eta:g}" if self.sampler == "ddim" else ""
+        clip = {None: "", True: ", clipped", False: ", unclipped"}[self.resolved().clip_denoised]
+        return f"{names.get(self.sampler, self.sampler)}{eta}{clip}"
+
+    @property
     def conditional(self) -> bool:
         return self.guidance is not None or self.classifier_scale is not None
+
+    def labels(self, n: int) -> torch.Tensor | None:
+        """The digits a guided setting requests for n images, 0..9 in turn; None for an unguided one."""
+        return torch.arange(n) % 10 if self.conditional else None
 
     def options(self) -> dict:
         options = {"sampler": self.sampler, "steps": self.steps, "clip_denoised": self.clip_denoised}
@@ -93,7 +105,7 @@ def measure(model: nn.Module, setting: Setting, seed: int, n: int,
     A guided setting draws the digits 0..9 in turn and also reports ``label_accuracy``, the kit
     classifier's agreement with the requested digit.
     """
-    labels = torch.arange(n) % 10 if setting.conditional else None
+    labels = setting.labels(n)
     extra = {"classifier": classifier} if setting.classifier_scale is not None else {}
     start = time.perf_counter()
     images = ddpm.sample(model, n, torch.Generator().manual_seed(seed), labels, **setting.options(), **extra)
@@ -112,11 +124,10 @@ def chain_seconds(model: nn.Module, setting: Setting, n: int, steps: int, repeat
     timed here prices a long one: a cell's own ``seconds`` also hold whatever else its machine was doing.
     """
     options = setting.options() | {"steps": steps}
-    labels = torch.arange(n) % 10 if setting.conditional else None
     times = []
     for repeat in range(repeats):
         start = time.perf_counter()
-        ddpm.sample(model, n, torch.Generator().manual_seed(repeat), labels, **options)
+        ddpm.sample(model, n, torch.Generator().manual_seed(repeat), setting.labels(n), **options)
         times.append(time.perf_counter() - start)
     return min(times)
 

@@ -157,5 +157,3 @@ class UNet(nn.Module):
                 h = self.upsample[level](h)
                 h = h[..., : hs[-1].shape[-2], : hs[-1].shape[-1]]  # an odd size (7 -> 4 -> 8) is cropped back
         return self.out(h)  # (B, in_channels, H, W)
-
-
