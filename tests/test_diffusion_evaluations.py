@@ -239,6 +239,58 @@ def test_clipping_drift_separates_the_variants_when_clipping_bites():
     assert abs(by[10, "eps kept"] - by[10, "eps re-derived"]) > 1e-3
 
 
+def test_clipping_shift_is_the_difference_of_the_clipped_and_unclipped_steps():
+    """Each row's shift is the change of x_s that clipping makes at that step (same state, same noise), and no
+    pixel outside [-1, 1] means no shift."""
+    from agm.diffusion.ddpm import DDPM, DDPMConfig
+    from agm.diffusion.samplers import chain_pairs
+    from agm.diffusion.schedule import ScheduleConfig
+    from agm.nn.unet import UNetConfig
+
+    class Overshoot(torch.nn.Module):
+        def forward(self, x, t, labels=None):
+            return -2 * x
+
+    model = DDPM(DDPMConfig(unet=UNetConfig(channels=8, multipliers=(1, 1, 1)),
+                            schedule=ScheduleConfig(num_timesteps=50))).eval()
+    model.net = Overshoot()
+    schedule = model.schedule
+    x_T = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    rows = evaluations.clipping_shift(model, x_T, steps=10, generator=torch.Generator().manual_seed(1))
+    pairs = chain_pairs(schedule, 10)
+    assert [r["t"] for r in rows] == [t + 1 for t, _ in pairs]
+    x, generator = x_T, torch.Generator().manual_seed(1)
+    for row, (t, s) in zip(rows, pairs, strict=True):
+        eps = model(x, torch.full((2,), t))
+        state = generator.get_state()
+        clipped, _ = schedule.step(eps, t, x, generator, prev_t=s, clip_denoised=True)
+        generator.set_state(state)
+        x, x0_hat = schedule.step(eps, t, x, generator, prev_t=s, clip_denoised=False)
+        assert row["shift"] == pytest.approx((clipped - x).pow(2).mean().sqrt().item(), rel=1e-4, abs=1e-7)
+        assert row["outside"] == pytest.approx((x0_hat.abs() > 1).float().mean().item())
+        assert (row["shift"] == 0) == (row["outside"] == 0)
+    assert rows[-1]["sigma"] == 0 and all(r["sigma"] > 0 for r in rows[:-1])
+    assert max(r["outside"] for r in rows) > 0.5  # the overshooting network does leave the range
+
+
+def test_posterior_coefficients_are_those_of_the_one_step_posterior_and_compose_for_a_jump():
+    from agm.diffusion.schedule import NoiseSchedule, ScheduleConfig
+
+    schedule = NoiseSchedule(ScheduleConfig())
+    for t in (1, 500, 999):
+        coef_x0, coef_xt, var, beta = schedule.posterior_coefficients(t, t - 1)
+        assert coef_x0.item() == pytest.approx(schedule.posterior_mean_coef1[t].item(), rel=1e-12)
+        assert coef_xt.item() == pytest.approx(schedule.posterior_mean_coef2[t].item(), rel=1e-12)
+        assert var.item() == pytest.approx(schedule.posterior_variance[t].item(), rel=1e-12)
+        assert beta.item() == pytest.approx(schedule.betas[t].item(), rel=1e-12)
+    # a jump t -> s is the one-step posterior of the respaced chain through s and t
+    respaced, tau = schedule.respaced(10)
+    i = 5
+    jump = schedule.posterior_coefficients(int(tau[i]), int(tau[i - 1]))
+    assert jump[0].item() == pytest.approx(respaced.posterior_mean_coef1[i].item(), rel=1e-10)
+    assert jump[2].item() == pytest.approx(respaced.posterior_variance[i].item(), rel=1e-10)
+
+
 def test_the_width_and_length_runs_change_only_the_width_and_the_training_steps():
     """Chapter 32 compares them with the shipped ddpm: at its width and length the configuration is the shipped one."""
     from agm.config import to_dict
@@ -251,3 +303,11 @@ def test_the_width_and_length_runs_change_only_the_width_and_the_training_steps(
         changed = to_dict(scale_config(channels, steps))
         changed["unet"]["channels"], changed["train"]["steps"] = shipped.unet.channels, shipped.train.steps
         assert changed == to_dict(shipped)
+
+
+def test_paired_tail_is_students_t_two_sided_tail():
+    """At |mean|/se = 4.303 with three seeds (2 degrees of freedom) the two-sided tail is 0.05 (t tables)."""
+    assert evaluations.paired_tail(4.303, 1.0, 3) == pytest.approx(0.05, abs=1e-4)
+    assert evaluations.paired_tail(-4.303, 1.0, 3) == evaluations.paired_tail(4.303, 1.0, 3)
+    assert evaluations.paired_tail(0.0, 1.0, 3) == pytest.approx(1.0)
+    assert evaluations.paired_tail(12.706, 1.0, 2) == pytest.approx(0.05, abs=1e-4)  # 1 degree of freedom

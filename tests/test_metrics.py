@@ -224,3 +224,15 @@ def test_a_damaged_reference_cache_is_rebuilt_with_the_same_numbers(damage, tmp_
     assert torch.equal(rebuilt["mu"], good["mu"]) and torch.equal(rebuilt["sigma"], good["sigma"])
     assert torch.equal(rebuilt[metrics.REFERENCE_RADII], good[metrics.REFERENCE_RADII])
     assert metrics._cached_stats(path) is not None and not list(path.parent.glob("*.part"))
+
+
+def test_fid_bias_fit_recovers_an_exact_first_order_model_and_refuses_one_sample_size():
+    from agm.metrics import fid_bias_fit
+
+    limit, k = 3.0, 12_000.0
+    fid = lambda n: limit + k / n  # noqa: E731
+    fit = fid_bias_fit(1_000, fid(1_000), 10_000, fid(10_000))
+    assert fit["k"] == pytest.approx(k) and fit["limit"] == pytest.approx(limit)
+    assert fit["share_a"] == pytest.approx(12 / 15) and fit["share_b"] == pytest.approx(1.2 / 4.2)
+    with pytest.raises(ValueError, match="two different sample sizes"):
+        fid_bias_fit(1_000, 5.0, 1_000, 4.0)

@@ -91,6 +91,19 @@ def shrinkage_floor(trace_ratio: float, trace_reference: float) -> float:
     return (1 - math.sqrt(trace_ratio)) ** 2 * trace_reference
 
 
+def fid_bias_fit(n_a: int, fid_a: float, n_b: int, fid_b: float) -> dict[str, float]:
+    r"""FID at two sample sizes through the first-order model $\mathrm{FID}_n = \mathrm{FID}_\infty + k/n$.
+
+    Returns ``k``, the extrapolation ``limit`` to infinite n, and the bias share $(k/n)/\mathrm{FID}_n$ at each n
+    (``share_a``, ``share_b``): the part of each number that the finite sample contributes (Chong & Forsyth, 2020).
+    """
+    if n_a == n_b:
+        raise ValueError(f"two different sample sizes are needed, got {n_a} twice")
+    # $k = (\mathrm{FID}_a - \mathrm{FID}_b) / (1/n_a - 1/n_b)$
+    k = (fid_a - fid_b) / (1 / n_a - 1 / n_b)
+    return {"k": k, "limit": fid_a - k / n_a, "share_a": k / n_a / fid_a, "share_b": k / n_b / fid_b}
+
+
 def gaussian_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased) covariance of ``[N, d]`` features, in float64."""
     n, d = features.shape

@@ -203,10 +203,27 @@ def paired_difference(cells: dict[str, dict], a: Setting, b: Setting, metric: st
     return statistics.fmean(differences), statistics.stdev(differences) / len(differences) ** 0.5
 
 
+P_MARK = 0.05  # a paired difference counts as measured when differences without any effect rarely reach it
+
+
+def paired_tail(mean: float, se: float, seeds: int) -> float:
+    """How often differences without any effect give a ratio |mean| / se at least this large: the two-sided tail
+    of Student's t with ``seeds`` - 1 degrees of freedom (the standard error is itself estimated from the seeds)."""
+    from scipy import stats
+
+    return float(2 * stats.t.sf(abs(mean) / se, seeds - 1)) if se > 0 else float(mean == 0)
+
+
 def mean_sd(row: dict, metric: str, fmt: str = ".2f", scale: float = 1.0) -> str:
     """'mean ± s.d.' of ``metric`` in a row of :func:`table` (the mean alone where one seed gives no s.d.)."""
     sd = row.get(f"{metric}_sd")
     return f"{scale * row[metric]:{fmt}}" + ("" if sd is None else f" ± {scale * sd:{fmt}}")
+
+
+def kit_columns(row: dict) -> dict[str, str]:
+    """The kit's four columns of a row of :func:`table`, each as 'mean ± s.d.' over the seeds."""
+    return {"FID": mean_sd(row, "fid"), "IS": mean_sd(row, "inception_score"),
+            "precision": mean_sd(row, "precision", ".3f"), "recall": mean_sd(row, "recall", ".3f")}
 
 
 def stored_table(name: str, settings: list[Setting], seeds=SEEDS) -> tuple[list[dict], dict]:
@@ -222,6 +239,32 @@ def stored_table(name: str, settings: list[Setting], seeds=SEEDS) -> tuple[list[
                            f"({', '.join(missing[:3])}, ...): run `python -m agm evaluate {name} --full` "
                            "(resumable; it stores each cell when done)")
     return table(cells, settings), cells["reference"]
+
+
+@torch.no_grad()
+def clipping_shift(model: nn.Module, x_T: torch.Tensor, steps: int | None = None,
+                   generator: torch.Generator | None = None) -> list[dict[str, float]]:
+    r"""What clipping x̂_0 would change at each step of the unclipped ancestral chain from x_T (Chapter 31).
+
+    Per step t -> s (the paper's time index ``t`` + 1 in the rows): ``outside``, the fraction of pixels of x̂_0
+    outside [-1, 1]; ``shift``, the root-mean-square over pixels of $\gamma (c - \hat x_0)$, the change of the
+    posterior mean that the clipped $c$ makes; ``sigma``, the standard deviation of the step's noise (σ² = β̃).
+    """
+    from agm.diffusion.samplers import predict_eps, walk
+
+    schedule, rows = model.schedule, []
+
+    def update(x: torch.Tensor, t: int, s: int) -> torch.Tensor:
+        x_s, x0_hat = schedule.step(predict_eps(model, x, t, None), t, x, generator, prev_t=s, clip_denoised=False)
+        gamma, _, var_tilde, _ = schedule.posterior_coefficients(t, s)
+        # the shift of the mean: $\gamma\,(\mathrm{clip}(\hat x_0) - \hat x_0)$
+        shift = gamma.item() * (x0_hat.clamp(-1, 1) - x0_hat)
+        rows.append({"t": t + 1, "outside": (x0_hat.abs() > 1).float().mean().item(),
+                     "shift": shift.pow(2).mean().sqrt().item(), "sigma": var_tilde.sqrt().item() if s >= 0 else 0.0})
+        return x_s
+
+    walk(schedule, x_T, steps, update)
+    return rows
 
 
 @torch.no_grad()

@@ -125,6 +125,22 @@ class NoiseSchedule:
             raise ValueError(f"timestep must lie in -1..{self.num_timesteps - 1}, got {t}")
         return self.alphas_cumprod[t] if t >= 0 else torch.ones((), dtype=torch.float64)
 
+    def posterior_coefficients(self, t: int, s: int) -> tuple[torch.Tensor, ...]:
+        r"""q(x_s | x_t, x_0) for timesteps s < t: the coefficients of $x_0$ and $x_t$ in its mean, its variance,
+        and $\beta'$.
+
+        $\beta' = 1 - \bar\alpha_t/\bar\alpha_s$ is the step of the chain from s to t ($\beta_t$ when s = t - 1).
+        """
+        a_t, a_s = self.alpha_bar(t), self.alpha_bar(s)
+        # $\beta' = 1 - \bar\alpha_t / \bar\alpha_s$
+        beta = 1 - a_t / a_s
+        # $\tilde\mu = \frac{\sqrt{\bar\alpha_s}\beta'}{1-\bar\alpha_t} x_0
+        #   + \frac{\sqrt{1-\beta'}(1-\bar\alpha_s)}{1-\bar\alpha_t} x_t$
+        coef_x0 = a_s.sqrt() * beta / (1 - a_t)
+        coef_xt = (1 - beta).sqrt() * (1 - a_s) / (1 - a_t)
+        # $\tilde\beta' = \frac{1-\bar\alpha_s}{1-\bar\alpha_t}\beta'$
+        return coef_x0, coef_xt, (1 - a_s) / (1 - a_t) * beta, beta
+
     def step(self, eps: torch.Tensor, t: int, xt: torch.Tensor, generator: torch.Generator | None = None,
              variance: str = "beta_tilde", prev_t: int | None = None,
              clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,22 +158,16 @@ class NoiseSchedule:
         s = t - 1 if prev_t is None else prev_t
         if not -1 <= s < t:
             raise ValueError(f"prev_t must lie in -1..{t - 1}, got {s}")
-        a_t, a_s = self.alpha_bar(t), self.alpha_bar(s)
-        # $\beta' = 1 - \bar\alpha_t / \bar\alpha_s$ ($= \beta_t$ when s = t - 1)
-        beta = 1 - a_t / a_s
         # 1. the predicted original sample (Ho et al., eq. 15), optionally projected onto [-1, 1]
         pred_original_sample = self.predict_x0(xt, t, eps)
         if clip_denoised:
             pred_original_sample = pred_original_sample.clamp(-1, 1)
-        # 2. the posterior mean with x_0 replaced by its prediction (eq. 7):
-        # $\tilde\mu = \frac{\sqrt{\bar\alpha_s}\beta'}{1-\bar\alpha_t}\hat x_0
-        #   + \frac{\sqrt{1-\beta'}(1-\bar\alpha_s)}{1-\bar\alpha_t} x_t$
-        coef_x0 = (a_s.sqrt() * beta / (1 - a_t)).to(xt.dtype)
-        coef_xt = ((1 - beta).sqrt() * (1 - a_s) / (1 - a_t)).to(xt.dtype)
+        # 2. the posterior mean with x_0 replaced by its prediction (eq. 7)
+        coef_x0, coef_xt, var_tilde, beta = (c.to(xt.dtype) for c in self.posterior_coefficients(t, s))
         mean = coef_x0 * pred_original_sample + coef_xt * xt
         if s == -1:
             return mean, pred_original_sample
         # 3. add noise: $\sigma^2 = \tilde\beta = \frac{1-\bar\alpha_s}{1-\bar\alpha_t}\beta'$ or $\sigma^2 = \beta'$
-        var = ((1 - a_s) / (1 - a_t) * beta).clamp(min=1e-20) if variance == "beta_tilde" else beta
+        var = var_tilde.clamp(min=1e-20) if variance == "beta_tilde" else beta
         noise = torch.randn(xt.shape, generator=generator, dtype=xt.dtype).to(xt.device)
-        return mean + var.to(xt.dtype).sqrt() * noise, pred_original_sample
+        return mean + var.sqrt() * noise, pred_original_sample
