@@ -271,6 +271,10 @@ def test_clipping_shift_is_the_difference_of_the_clipped_and_unclipped_steps():
         assert (row["shift"] == 0) == (row["outside"] == 0)
     assert rows[-1]["sigma"] == 0 and all(r["sigma"] > 0 for r in rows[:-1])
     assert max(r["outside"] for r in rows) > 0.5  # the overshooting network does leave the range
+    summary = evaluations.clipping_shift_summary(rows)
+    assert summary["noisy_steps"] == len(rows) - 1 and summary["outside_T"] == rows[0]["outside"]
+    assert summary["shift_over_sigma"] == sum(r["shift"] > r["sigma"] for r in rows[:-1])
+    assert summary["shift_last"] == rows[-1]["shift"] and summary["outside_last"] == rows[-1]["outside"]
 
 
 def test_posterior_coefficients_are_those_of_the_one_step_posterior_and_compose_for_a_jump():

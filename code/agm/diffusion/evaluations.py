@@ -267,6 +267,15 @@ def clipping_shift(model: nn.Module, x_T: torch.Tensor, steps: int | None = None
     return rows
 
 
+def clipping_shift_summary(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The rows of :func:`clipping_shift` in five numbers: the share outside [-1, 1] at the first and the last step,
+    at how many of the steps that draw noise the shift exceeds σ, of how many, and the shift at the last step."""
+    noisy = [r for r in rows if r["sigma"] > 0]
+    return {"outside_T": rows[0]["outside"], "outside_last": rows[-1]["outside"],
+            "shift_over_sigma": sum(r["shift"] > r["sigma"] for r in noisy), "noisy_steps": len(noisy),
+            "shift_last": rows[-1]["shift"]}
+
+
 @torch.no_grad()
 def clipping_drift(model: nn.Module, x_T: torch.Tensor, steps=(20, 50, 100), reference_steps: int = 100
                    ) -> list[dict[str, float]]:
