@@ -128,6 +128,27 @@ def test_train_seed_reaches_the_model_and_the_manifest(tmp_path):
     assert manifest.config["seed"] == 1 and manifest.command.endswith("--smoke --seed 1")
 
 
+def test_evaluate_store_writes_what_train_writes_and_drops_stale_sampler_options(trained, monkeypatch, capsys):
+    from agm.cli import all_metrics
+    from agm.registry import get, load_model
+
+    monkeypatch.setenv("AGM_SMOKE", "1")  # the default n of the smoke budget
+    checkpoint.update_metrics("bernoulli-mixture", {"fid": -1.0, "sample_sampler": "old"})
+    before = checkpoint.read_manifest("bernoulli-mixture")
+    assert main(["evaluate", "bernoulli-mixture", "--store"]) == 0
+    after = checkpoint.read_manifest("bernoulli-mixture")
+    expected = all_metrics(get("bernoulli-mixture"), load_model("bernoulli-mixture")[0])
+    timing = {"samples_per_s"}  # the one entry that is not a function of the seed
+    assert {k: v for k, v in after.metrics.items() if k not in timing} == {
+        k: v for k, v in expected.items() if k not in timing}
+    assert after.metrics["fid"] > 0 and "sample_sampler" not in after.metrics
+    assert after.sha256 == before.sha256 and checkpoint.status("bernoulli-mixture") == "verified"
+    assert main(["evaluate", "bernoulli-mixture", "--store", "--n", "300"]) == 2
+    assert "drop --n" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --store and --full are two different writes
+        main(["evaluate", "bernoulli-mixture", "--store", "--full"])
+
+
 def test_evaluate_full_stores_its_metrics_in_the_manifest(trained, monkeypatch, capsys):
     from agm import registry
 

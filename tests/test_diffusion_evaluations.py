@@ -28,6 +28,9 @@ def test_labels_name_the_sampler_eta_and_the_clipping_it_runs_with():
     assert Setting("ddim", 50, False, 0.5).label == "DDIM, η = 0.5, unclipped"
     assert Setting("dpmsolver++", 20).label == "DPM-Solver++, unclipped"
     assert Setting("ancestral", 1000, True).label == "ancestral, clipped"
+    assert Setting("ancestral", 50).phrase == "the ancestral sampler, x̂₀ clipped"  # in a sentence
+    assert Setting("ddim", 50, False, 0.5).phrase == "DDIM with η = 0.5, x̂₀ unclipped"
+    assert Setting("dpmsolver++", 20).phrase == "DPM-Solver++, x̂₀ unclipped"
     assert Setting("ancestral", 50).labels(3) is None
     assert Setting("dpmsolver++", 20, guidance=1.0).labels(12).tolist() == [*range(10), 0, 1]
 
@@ -135,12 +138,31 @@ def test_table_reports_mean_and_sd_over_the_seeds_and_marks_missing_rows():
 
 
 def test_guided_settings_have_their_own_keys_and_options():
-    from agm.diffusion.evaluations import CFG, CLASSIFIER
+    from agm.diffusion.evaluations import CFG, CFG_SOLVER, CLASSIFIER, CLASSIFIER_SOLVER
 
-    keys = [s.key for s in CFG + CLASSIFIER]
-    assert len(set(keys)) == len(keys) and "dpmsolver++-20-w2" in keys and "dpmsolver++-20-s4" in keys
+    keys = [s.key for s in CFG + CLASSIFIER + CFG_SOLVER + CLASSIFIER_SOLVER]
+    assert len(set(keys)) == len(keys)
+    assert {"ancestral-50-w2", "ancestral-50-s4", "dpmsolver++-20-w2", "dpmsolver++-20-s4"} <= set(keys)
     assert all(s.conditional for s in CFG + CLASSIFIER) and not Setting("ddim", 5).conditional
     assert CFG[0].options()["guidance"] == -1.0 and CLASSIFIER[1].options()["classifier_scale"] == 1.0
+    # the solver's sweeps are the same weights and scales, so the page can set them side by side
+    assert [s.guidance for s in CFG] == [s.guidance for s in CFG_SOLVER]
+    assert [s.classifier_scale for s in CLASSIFIER] == [s.classifier_scale for s in CLASSIFIER_SOLVER]
+
+
+def test_chosen_weight_is_the_lowest_fid_among_the_accurate_or_else_the_most_accurate():
+    from agm.diffusion.evaluations import chosen_weight
+
+    rows = [{"guidance": 0.0, "fid": 10.0, "label_accuracy": 0.95},
+            {"guidance": 1.0, "fid": 30.0, "label_accuracy": 0.992},
+            {"guidance": 2.0, "fid": 20.0, "label_accuracy": 0.995},
+            {"guidance": 4.0, "fid": 50.0, "label_accuracy": 0.999}]
+    assert chosen_weight(rows) == 2.0  # w = 0 has the lowest FID but misses the mark
+    assert chosen_weight(rows, mark=0.9) == 0.0
+    assert chosen_weight(rows, mark=0.9999) == 4.0  # none reaches it: the most accurate
+    scales = [{"classifier_scale": s, "fid": f, "label_accuracy": a}
+              for s, f, a in ((1.0, 5.0, 0.99), (8.0, 4.0, 0.98))]
+    assert chosen_weight(scales, key="classifier_scale") == 1.0
 
 
 def test_measure_reports_the_accuracy_on_the_requested_digit(tmp_path, monkeypatch):

@@ -119,10 +119,12 @@ def cfg_dir(tmp_path_factory):
 
 
 def test_command_line_draws_the_requested_label_with_guidance(cfg_dir, tmp_path, monkeypatch, capsys):
+    from agm.diffusion import ddpm_cfg
+
     monkeypatch.setenv("AGM_CHECKPOINTS", str(cfg_dir))
     manifest = checkpoint.read_manifest("ddpm-cfg", cfg_dir)
     assert manifest.config["p_uncond"] == 0.1 and manifest.config["unet"]["num_classes"] == 10
-    assert manifest.metrics["sample_guidance"] == 1.0 and len(manifest.training["history"]) >= 1
+    assert manifest.metrics["sample_guidance"] == ddpm_cfg.GUIDANCE and len(manifest.training["history"]) >= 1
     out = tmp_path / "c.pt"
     assert main(["sample", "ddpm-cfg", "--n", "3", "--label", "4", "--guidance", "2", "--steps", "4",
                  "--out", str(out)]) == 0
@@ -225,6 +227,15 @@ def test_ddpm_cfg_is_the_ddpm_with_labels_dropout_and_its_own_budget():
     assert spec.conditional and spec.metric_sample_options()["guidance"] == ddpm_cfg.GUIDANCE
     shipped = registry.load_model("ddpm-cfg")[1].config
     assert shipped["p_uncond"] == ddpm_cfg.P_UNCOND and shipped["train"]["steps"] == ddpm_cfg.TRAIN_STEPS
+
+
+def test_ddpm_cfg_metrics_use_the_sweeps_sampler_at_the_weight_the_stored_sweep_chooses():
+    from agm.diffusion import ddpm_cfg, evaluations
+
+    options = {k: v for k, v in ddpm_cfg.METRIC_SAMPLER.items() if k != "guidance"}
+    assert options == evaluations.GUIDED_SAMPLER
+    rows, _ = evaluations.stored_table("ddpm-cfg", evaluations.CFG)
+    assert ddpm_cfg.GUIDANCE == evaluations.chosen_weight(rows)
 
 
 def test_clean_classifier_on_noisy_images_sees_x_mapped_to_the_unit_interval_and_ignores_t():

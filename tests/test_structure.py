@@ -231,3 +231,13 @@ def test_categorical_log_prob_against_torch_distributions():
     logits, tokens = torch.randn(3, 5, 7, generator=g), torch.randint(0, 7, (3, 5), generator=g)
     expected = torch.distributions.Categorical(logits=logits).log_prob(tokens)
     assert torch.allclose(distributions.categorical_log_prob(logits, tokens), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [s for s in registry.all_specs().values() if s.metric_sample_options],
+                         ids=lambda s: s.name)
+def test_shipped_metrics_were_sampled_as_the_model_now_samples_them(spec, monkeypatch):
+    """A change of a model's metric sampler leaves its manifest stale until `evaluate NAME --store` measures again."""
+    monkeypatch.delenv("AGM_SMOKE", raising=False)
+    stored = {k.removeprefix("sample_"): v for k, v in checkpoint.read_manifest(spec.name).metrics.items()
+              if k.startswith("sample_")}
+    assert stored == spec.metric_sample_options()

@@ -11,7 +11,7 @@ import json
 import os
 import platform
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -173,11 +173,15 @@ def fill_cells(name: str, key: str, plan: dict[str, Callable[[], dict]], log: Ca
     return stored()
 
 
-def update_metrics(name: str, metrics: dict[str, Any], directory: Path | None = None) -> Manifest:
-    """Merge ``metrics`` into the manifest of a verified checkpoint; the weights are not touched."""
+def update_metrics(name: str, metrics: dict[str, Any], directory: Path | None = None,
+                   drop: Iterable[str] = ()) -> Manifest:
+    """Merge ``metrics`` into the manifest of a verified checkpoint, first removing the keys in ``drop``; the
+    weights are not touched."""
     if status(name, directory) != "verified":
         raise CheckpointError(f"checkpoint {name!r} is missing or corrupt; {rebuild_hint(name)}")
     manifest = read_manifest(name, directory)
+    for key in drop:
+        manifest.metrics.pop(key, None)
     manifest.metrics.update(metrics)
     _, js = paths(name, directory)
     tmp = js.with_suffix(".json.part")

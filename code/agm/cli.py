@@ -43,8 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--n", type=int, help="samples for the sample-quality metrics (default 10000; smoke 500)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--full", action="store_true",
-                   help="the model's expensive evaluation (e.g. the full-test-set NLL), stored in its manifest")
+    how = e.add_mutually_exclusive_group()
+    how.add_argument("--full", action="store_true",
+                     help="the model's expensive evaluation (e.g. the full-test-set NLL), stored in its manifest")
+    how.add_argument("--store", action="store_true",
+                     help="write the metrics into the manifest, as `train` does, without retraining (after a change "
+                          "of how they are measured, e.g. the sampler); the weights are not touched")
     return p
 
 
@@ -190,6 +194,8 @@ def cmd_evaluate(args) -> int:
     least = ClassifierConfig().features + 1
     if args.n is not None and not least <= args.n <= MAX_SAMPLES:
         raise UsageError(f"--n must be between {least} and {MAX_SAMPLES}, got {args.n}")
+    if args.store and args.n is not None:
+        raise UsageError("--store writes the metrics `train` writes, at the default n: drop --n")
     model = registry.load_model(spec.name)[0].to(device())  # cuda -> mps -> cpu
     set_threads()
     if args.full:
@@ -200,6 +206,12 @@ def cmd_evaluate(args) -> int:
         print(f"stored in the manifest of {spec.name}:")
     else:
         metrics = all_metrics(spec, model, args.n, args.seed)
+        if args.store:
+            # how the previous metrics were sampled goes with them: a sampler option no longer used is dropped
+            stored = checkpoint.read_manifest(spec.name).metrics
+            stale = [k for k in stored if k.startswith("sample_") and k not in metrics]
+            checkpoint.update_metrics(spec.name, metrics, drop=stale)
+            print(f"stored in the manifest of {spec.name}:")
     if args.json:
         print(json.dumps(metrics, indent=2, sort_keys=True))
     else:

@@ -19,9 +19,12 @@ from agm.runtime import budget
 
 P_UNCOND = 0.1
 TRAIN_STEPS = 6000
-GUIDANCE = 1.0  # w of the shipped metrics and the command line's default (diffusers' guidance_scale 2)
-# How the shipped metrics are sampled: DPM-Solver++(2M) at 20 steps, each step two network passes
-METRIC_SAMPLER = {"sampler": "dpmsolver++", "steps": 20, "guidance": GUIDANCE}
+# w of the shipped metrics and the command line's default (diffusers' guidance_scale is 1 + w): the weight that
+# Chapter 41's rule chooses from the stored sweep, the lowest FID among those that draw the requested digit
+# at least 99 % of the time (a test checks it against the manifest)
+GUIDANCE = 0.5
+# How the shipped metrics are sampled: the sampler of Chapter 41's sweeps, 50 ancestral steps of two network passes
+METRIC_SAMPLER = {"sampler": "ancestral", "steps": 50, "guidance": GUIDANCE}
 
 
 def config(seed: int = 0) -> DDPMConfig:

@@ -59,6 +59,14 @@ class Setting:
         return f"{names.get(self.sampler, self.sampler)}{eta}{clip}"
 
     @property
+    def phrase(self) -> str:
+        """How a sentence names the setting: 'the ancestral sampler, x̂₀ clipped', 'DDIM with η = 0, x̂₀ unclipped'."""
+        names = {"ancestral": "the ancestral sampler", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}
+        eta = f" with η = {self.eta:g}" if self.sampler == "ddim" else ""
+        clip = {None: "", True: ", x̂₀ clipped", False: ", x̂₀ unclipped"}[self.resolved().clip_denoised]
+        return f"{names.get(self.sampler, self.sampler)}{eta}{clip}"
+
+    @property
     def conditional(self) -> bool:
         return self.guidance is not None or self.classifier_scale is not None
 
@@ -302,12 +310,26 @@ def clipping_drift(model: nn.Module, x_T: torch.Tensor, steps=(20, 50, 100), ref
     return rows
 
 
-# Chapter 41: the guidance weight of ddpm-cfg, and the scale of classifier guidance on ddpm
+# Chapter 41: the guidance weight of ddpm-cfg, and the scale of classifier guidance on ddpm, with the sweeps' sampler
+# and, beside it, the fast solver of Chapter 38 at the same weights (the page compares the two)
 GUIDANCE_WEIGHTS = (-1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0)
 CLASSIFIER_SCALES = (0.0, 1.0, 2.0, 4.0, 8.0)
-GUIDED_SAMPLER = {"sampler": "dpmsolver++", "steps": 20}
+GUIDED_SAMPLER = {"sampler": "ancestral", "steps": 50}
+SOLVER_SAMPLER = {"sampler": "dpmsolver++", "steps": 20}
 CFG = [Setting(**GUIDED_SAMPLER, guidance=w) for w in GUIDANCE_WEIGHTS]
 CLASSIFIER = [Setting(**GUIDED_SAMPLER, classifier_scale=s) for s in CLASSIFIER_SCALES]
+CFG_SOLVER = [Setting(**SOLVER_SAMPLER, guidance=w) for w in GUIDANCE_WEIGHTS]
+CLASSIFIER_SOLVER = [Setting(**SOLVER_SAMPLER, classifier_scale=s) for s in CLASSIFIER_SCALES]
+ACCURACY_MARK = 0.99  # the requested-digit accuracy a guidance weight must reach to be chosen
+
+
+def chosen_weight(rows: list[dict], key: str = "guidance", mark: float = ACCURACY_MARK) -> float:
+    """The weight (``key`` of the rows of :func:`table`) with the lowest mean FID among those whose mean
+    requested-digit accuracy is at least ``mark``; where none is, the most accurate one."""
+    accurate = [r for r in rows if r["label_accuracy"] >= mark]
+    if accurate:
+        return min(accurate, key=lambda r: r["fid"])[key]
+    return max(rows, key=lambda r: r["label_accuracy"])[key]
 
 
 # Chapter 32: what the network's width and the length of its training buy, each varied alone at a small budget.
@@ -354,14 +376,15 @@ def evaluate_full(model: nn.Module) -> dict:
 
 
 def evaluate_cfg_full(model: nn.Module) -> dict:
-    """``evaluate ddpm-cfg --full``: the sweep over the guidance weight w (Chapter 41)."""
-    return {KEY: fill("ddpm-cfg", model, CFG)}
+    """``evaluate ddpm-cfg --full``: the sweep over the guidance weight w, with each sampler (Chapter 41)."""
+    return {KEY: fill("ddpm-cfg", model, CFG + CFG_SOLVER)}
 
 
 def evaluate_classifier_guidance_full(classifier: nn.Module) -> dict:
-    """``evaluate noise-classifier --full``: ``ddpm`` steered by this classifier over the scale s (Chapter 41)."""
+    """``evaluate noise-classifier --full``: ``ddpm`` steered by this classifier over the scale s, with each sampler
+    (Chapter 41)."""
     from agm import registry
 
     model, manifest = registry.load_model("ddpm")
-    return {KEY: fill("noise-classifier", model, CLASSIFIER, classifier=classifier),
+    return {KEY: fill("noise-classifier", model, CLASSIFIER + CLASSIFIER_SOLVER, classifier=classifier),
             "guided_ddpm_sha256": manifest.sha256}
