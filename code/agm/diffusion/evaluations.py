@@ -31,6 +31,9 @@ KEY = "sampler_cells"  # where the cells live in the manifest's metrics
 KIT = ("fid", "inception_score", "precision", "recall")
 
 
+SAMPLER_NAMES = {"ancestral": "ancestral", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}
+
+
 @dataclass(frozen=True)
 class Setting:
     """One sampler configuration: a row of the tables."""
@@ -50,21 +53,22 @@ class Setting:
         scale = "" if self.classifier_scale is None else f"-s{self.classifier_scale:g}"
         return f"{self.sampler}{eta}-{self.steps}{clip}{w}{scale}"
 
+    def _name(self, name: str, eta: str, clip: str) -> str:
+        """``name``, then DDIM's η after ``eta`` and the clipping the sampler runs with after ``clip``."""
+        eta = f"{eta}η = {self.eta:g}" if self.sampler == "ddim" else ""
+        clipping = self.resolved().clip_denoised
+        return name + eta + ("" if clipping is None else f"{clip}{'clipped' if clipping else 'unclipped'}")
+
     @property
     def label(self) -> str:
-        """How a table names the setting: the sampler, DDIM's η, and the clipping the sampler runs with."""
-        names = {"ancestral": "ancestral", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}
-        eta = f", η = {self.eta:g}" if self.sampler == "ddim" else ""
-        clip = {None: "", True: ", clipped", False: ", unclipped"}[self.resolved().clip_denoised]
-        return f"{names.get(self.sampler, self.sampler)}{eta}{clip}"
+        """How a table names the setting: 'ancestral, clipped', 'DDIM, η = 0, unclipped'."""
+        return self._name(SAMPLER_NAMES.get(self.sampler, self.sampler), ", ", ", ")
 
     @property
     def phrase(self) -> str:
         """How a sentence names the setting: 'the ancestral sampler, x̂₀ clipped', 'DDIM with η = 0, x̂₀ unclipped'."""
-        names = {"ancestral": "the ancestral sampler", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}
-        eta = f" with η = {self.eta:g}" if self.sampler == "ddim" else ""
-        clip = {None: "", True: ", x̂₀ clipped", False: ", x̂₀ unclipped"}[self.resolved().clip_denoised]
-        return f"{names.get(self.sampler, self.sampler)}{eta}{clip}"
+        name = "the ancestral sampler" if self.sampler == "ancestral" else SAMPLER_NAMES.get(self.sampler, self.sampler)
+        return self._name(name, " with ", ", x̂₀ ")
 
     @property
     def conditional(self) -> bool:
